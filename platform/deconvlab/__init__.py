@@ -1,0 +1,3 @@
+"""deconvlab: an experiment platform for comparing deconvolution networks."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,132 @@
+"""The ``deconvlab`` command: train, runs, list, ui (and sweep, promote... as they land).
+
+User errors print one line ``error: <what> (<where>): <what to do>`` and exit 2; internal errors exit 1
+with one line too, and ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Sequence
+
+from deconvlab.errors import UserError
+
+EXIT_USER_ERROR, EXIT_INTERNAL_ERROR = 2, 1
+KINDS = {"experiments": "experiment", "models": "model", "data": "data"}
+
+
+def _quiet_environment() -> None:
+    # No telemetry, no update checks, no usage stats: this runs offline and in CI.
+    for key, value in {"MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0",
+                       "NO_ALBUMENTATIONS_UPDATE": "1", "HYDRA_FULL_ERROR": "0"}.items():
+        os.environ.setdefault(key, value)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from deconvlab.config import compose_config
+
+    cfg = compose_config(args.overrides)
+    if args.cfg:
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.to_yaml(cfg, resolve=args.resolve))
+        return 0
+    from deconvlab.train import train
+
+    result = train(cfg)
+    monitor, _ = result.monitor
+    print(f"run {result.run_id}: best {monitor} = {result.metrics.get(f'best/{monitor}', float('nan')):.4f}")
+    print(f"best checkpoint: {result.best_checkpoint}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from deconvlab.config import group_options, project_root
+
+    kinds = [args.kind] if args.kind else [*KINDS, "sweeps"]
+    for kind in kinds:
+        if kind == "sweeps":
+            names = sorted(p.stem for p in (project_root() / "sweeps").glob("*.yaml"))
+        else:
+            names = group_options(KINDS[kind])
+        print(f"{kind}:")
+        for name in names:
+            print(f"  {name}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from deconvlab.runs import print_runs_table
+
+    print_runs_table(args.experiment, args.tracking_uri, args.max_results)
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from deconvlab.runs import mlflow_ui_command
+
+    command = mlflow_ui_command(args.tracking_uri, args.port)
+    print(f"MLflow UI on http://127.0.0.1:{args.port} ({' '.join(command)})", flush=True)
+    os.execvp(command[0], command)
+    return 0  # not reached
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deconvlab", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train one run: deconvlab train experiment=quickstart key=value ...")
+    train.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=quickstart optim.lr=1e-3")
+    train.add_argument("--cfg", choices=["job"], help="print the composed config and exit")
+    train.add_argument("--resolve", action="store_true", help="with --cfg: resolve interpolations")
+    train.set_defaults(func=cmd_train)
+
+    listing = sub.add_parser("list", help="what can be run: experiments, models, data, sweeps")
+    listing.add_argument("kind", nargs="?", choices=[*KINDS, "sweeps"])
+    listing.set_defaults(func=cmd_list)
+
+    runs = sub.add_parser("runs", help="a table of tracked runs and their key metrics")
+    runs.add_argument("--experiment", help="MLflow experiment name (default: all)")
+    runs.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    runs.add_argument("--max-results", type=int, default=50)
+    runs.set_defaults(func=cmd_runs)
+
+    ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 against the same store")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    ui.set_defaults(func=cmd_ui)
+    return parser
+
+
+def run_guarded(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a subcommand, turning exceptions into one line and an exit code."""
+    try:
+        return func(args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc.one_line()}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+        if args.debug:
+            raise
+        print(f"error: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+              " (internal): rerun with --debug for the traceback", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``deconvlab`` console script."""
+    _quiet_environment()
+    args = build_parser().parse_args(argv)
+    return run_guarded(args.func, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data modules, readers and degradations, one file per data set."""

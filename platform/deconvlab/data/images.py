@@ -1,0 +1,178 @@
+"""Natural images for deblurring: skimage.data by default, or any folder of PNG/JPEG files.
+
+Training samples are random crops degraded on the fly; validation uses whole (centre-cropped) images
+degraded once. A training crop is degraded with a margin of half the kernel around it that is cut off
+afterwards, so crops carry real image content at their borders, not padding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from deconvlab.data.degrade import Degradation
+
+# Images that ship inside scikit-image (no download). chelsea and cat are the same photo: only one is used.
+SKIMAGE_SPLITS: dict[str, tuple[str, ...]] = {
+    "train": ("astronaut", "coffee", "chelsea", "rocket", "brick", "grass", "gravel",
+              "hubble_deep_field", "immunohistochemistry", "retina", "text"),
+    "val": ("camera", "coins"),
+    "test": ("moon", "page"),
+}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def _to_gray_float(image: np.ndarray) -> np.ndarray:
+    from skimage.color import rgb2gray, rgba2rgb
+    from skimage.util import img_as_float32
+
+    if image.ndim == 3 and image.shape[-1] == 4:
+        image = rgba2rgb(image)
+    if image.ndim == 3:
+        image = rgb2gray(image)
+    return img_as_float32(image)
+
+
+def load_skimage_images(names: Sequence[str]) -> list[np.ndarray]:
+    """Grayscale float32 images in [0, 1] from ``skimage.data`` by name."""
+    import skimage.data
+
+    return [_to_gray_float(getattr(skimage.data, name)()) for name in names]
+
+
+def list_image_files(root: Path, split: str, val_fraction: float = 0.2) -> list[Path]:
+    """The image files of ``split`` under ``root``.
+
+    ``root/<split>/`` is used when it exists. Otherwise the images directly under ``root`` are split
+    deterministically (every 1/val_fraction-th file, sorted by name, goes to "val"); "test" and "all"
+    take every image.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    folder = root / split if (root / split).is_dir() else root
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if folder == root and split in ("train", "val"):
+        stride = max(2, round(1 / val_fraction))
+        files = [f for i, f in enumerate(files) if (i % stride == 0) == (split == "val")]
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) for split {split!r} under {folder}")
+    return files
+
+
+def load_image_files(files: Sequence[Path]) -> list[np.ndarray]:
+    """Grayscale float32 images in [0, 1] read from disk."""
+    from skimage.io import imread
+
+    return [_to_gray_float(imread(str(f))) for f in files]
+
+
+class BlurredCropDataset(Dataset):
+    """Random crops degraded on the fly; each sample is reproducible from (seed, index)."""
+
+    def __init__(self, sharp: list[torch.Tensor], degradation: Degradation, patch_size: int,
+                 samples: int, seed: int) -> None:
+        small = [tuple(s.shape[-2:]) for s in sharp if min(s.shape[-2:]) < patch_size]
+        if small:
+            raise ValueError(f"patch_size {patch_size} is larger than images of size {small}")
+        self.sharp, self.degradation = sharp, degradation
+        self.patch_size, self.samples, self.seed = patch_size, samples, seed
+        self.margin = max(degradation.kernel.shape) // 2
+
+    def __len__(self) -> int:
+        return self.samples
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        i = int(torch.randint(len(self.sharp), (1,), generator=g))
+        h, w = self.sharp[i].shape[-2:]
+        top = int(torch.randint(h - self.patch_size + 1, (1,), generator=g))
+        left = int(torch.randint(w - self.patch_size + 1, (1,), generator=g))
+        m, p = self.margin, self.patch_size
+        # The margin is clamped at the image border, where reflect padding takes over.
+        y0, x0 = max(top - m, 0), max(left - m, 0)
+        region = self.sharp[i][..., y0:min(top + p + m, h), x0:min(left + p + m, w)]
+        degraded = self.degradation(region, g)
+        window = (..., slice(top - y0, top - y0 + p), slice(left - x0, left - x0 + p))
+        return {"input": degraded[window], "target": region[window]}
+
+
+class WholeImageDataset(Dataset):
+    """Whole images degraded once, deterministically (validation and test)."""
+
+    def __init__(self, sharp: list[torch.Tensor], degradation: Degradation, seed: int) -> None:
+        self.items = []
+        for index, image in enumerate(sharp):
+            g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+            self.items.append({"input": degradation(image, g), "target": image})
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.items[index]
+
+
+class NaturalImagesDataModule(pl.LightningDataModule):
+    """Blurred/sharp pairs from natural images for the restoration task.
+
+    Args:
+        degradation: the blur model applied on the fly.
+        root: a folder of images (``root/train``, ``root/val``... or a flat folder split 80/20);
+            None uses the images that ship inside scikit-image.
+        split: the split the validation/test dataloaders read ("val", "test", "all").
+        patch_size: side of the square training crops.
+        samples_per_epoch: training crops per epoch.
+        max_eval_size: centre-crop evaluation images to at most this side (None = whole images).
+        batch_size, num_workers, seed: the usual.
+    """
+
+    def __init__(self, degradation: Degradation, root: str | None = None, split: str = "val",
+                 patch_size: int = 48, samples_per_epoch: int = 256, max_eval_size: int | None = 256,
+                 batch_size: int = 16, num_workers: int = 0, seed: int = 0) -> None:
+        super().__init__()
+        self.degradation = degradation
+        self.root, self.split = root, split
+        self.patch_size, self.samples_per_epoch = patch_size, samples_per_epoch
+        self.max_eval_size = max_eval_size
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.train_set: Dataset | None = None
+        self.eval_set: Dataset | None = None
+
+    def _images(self, split: str) -> list[torch.Tensor]:
+        if self.root is None:
+            arrays = load_skimage_images(SKIMAGE_SPLITS["train" if split == "train" else split])
+        else:
+            arrays = load_image_files(list_image_files(Path(self.root), split))
+        return [torch.from_numpy(a)[None] for a in arrays]
+
+    def _centre_crop(self, image: torch.Tensor) -> torch.Tensor:
+        if self.max_eval_size is None:
+            return image
+        h, w = image.shape[-2:]
+        ch, cw = min(h, self.max_eval_size), min(w, self.max_eval_size)
+        top, left = (h - ch) // 2, (w - cw) // 2
+        return image[..., top:top + ch, left:left + cw]
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = BlurredCropDataset(self._images("train"), self.degradation, self.patch_size,
+                                                self.samples_per_epoch, self.seed)
+        if self.eval_set is None:
+            eval_images = [self._centre_crop(im) for im in self._images(self.split)]
+            self.eval_set = WholeImageDataset(eval_images, self.degradation, self.seed + 1)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        # Evaluation images may differ in size: one per batch.
+        return DataLoader(self.eval_set, batch_size=1, num_workers=0)
+
+    test_dataloader = val_dataloader

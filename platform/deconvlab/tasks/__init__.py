@@ -1,0 +1,1 @@
+"""LightningModules, one per task: they own the loss, the metrics and the optimiser."""

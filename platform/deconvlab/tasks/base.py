@@ -1,0 +1,146 @@
+"""What every task shares: the optimiser, the train/val loop skeleton and sample-image logging.
+
+A task is a LightningModule that wraps any ``nn.Module`` of its family. Subclasses say how to get
+the model input and the loss from a batch (:meth:`step`), which metrics to update (:meth:`update_metrics`)
+and how to draw a few samples (:meth:`render_samples`).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+from torchmetrics import MetricCollection
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., Any]
+
+
+class BaseTask(pl.LightningModule):
+    """Common training logic for all tasks.
+
+    Args:
+        model: the network (a plain ``nn.Module``).
+        optimizer: a factory taking the parameters (Hydra ``_partial_: true``); Adam(lr=1e-3) if None.
+        scheduler: an optional factory taking the optimiser (stepped once per epoch).
+        monitor: the metric that picks the best checkpoint and ranks sweep trials.
+        monitor_mode: "max" or "min".
+        sample_every_n_epochs: how often sample images are rendered (0 disables them).
+        num_samples: how many validation samples a rendering shows.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: OptimizerFactory | None = None,
+                 scheduler: SchedulerFactory | None = None, monitor: str = "val/loss",
+                 monitor_mode: str = "min", sample_every_n_epochs: int = 1, num_samples: int = 4) -> None:
+        super().__init__()
+        if monitor_mode not in ("min", "max"):
+            raise ValueError(f"monitor_mode must be 'min' or 'max', got {monitor_mode!r}")
+        # Only plain values go into hparams: checkpoints must load with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
+        self.model = model
+        self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
+        self.scheduler_factory = scheduler
+        self.monitor, self.monitor_mode = monitor, monitor_mode
+        self.sample_every_n_epochs, self.num_samples = sample_every_n_epochs, num_samples
+        self.val_metrics = self.build_metrics()
+        self._samples_seen = 0
+        self.rendered_samples: dict[str, np.ndarray] = {}
+
+    # -- what subclasses provide -------------------------------------------------------------
+    def build_metrics(self) -> MetricCollection:
+        """The validation metrics, keyed by the name logged under ``val/``."""
+        raise NotImplementedError
+
+    def step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the model on a batch; return ``(loss, output)``."""
+        raise NotImplementedError
+
+    def update_metrics(self, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        self.val_metrics.update(output, self.target_of(batch))
+
+    def target_of(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def render_samples(self, batch: dict[str, torch.Tensor], output: torch.Tensor) -> dict[str, np.ndarray]:
+        """Images (H x W or H x W x 3, uint8) to log, keyed by a short file-safe name."""
+        return {}
+
+    # -- the loop ------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, _ = self.step(batch)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True,
+                 batch_size=self.batch_size_of(batch))
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss, output = self.step(batch)
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True,
+                 batch_size=self.batch_size_of(batch))
+        self.update_metrics(output, batch)
+        self._collect_samples(batch, output, batch_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.val_metrics.compute()
+        self.log_dict({f"val/{k}": v for k, v in self.flatten_metrics(values).items()},
+                      prog_bar=True, sync_dist=True)
+        self.val_metrics.reset()
+
+    def _collect_samples(self, batch: dict[str, torch.Tensor], output: torch.Tensor, batch_idx: int) -> None:
+        """Render the first ``num_samples`` validation samples (written by the SampleImages callback)."""
+        if batch_idx == 0:
+            self.rendered_samples, self._samples_seen = {}, 0
+        wanted = self.num_samples - self._samples_seen
+        if wanted <= 0 or not self._wants_samples():
+            return
+        sliced = {k: v[:wanted] for k, v in batch.items()}
+        for name, image in self.render_samples(sliced, output[:wanted].detach()).items():
+            self.rendered_samples[f"batch{batch_idx}_{name}"] = image
+        self._samples_seen += int(output[:wanted].shape[0])
+
+    test_step = validation_step
+    on_test_epoch_end = on_validation_epoch_end
+
+    def flatten_metrics(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Turn metric results into scalars (subclasses split per-class/per-region vectors)."""
+        return values
+
+    def input_of(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def batch_size_of(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(self.input_of(batch).shape[0])
+
+    def _wants_samples(self) -> bool:
+        n = self.sample_every_n_epochs
+        return bool(n) and not self.trainer.sanity_checking and (self.current_epoch + 1) % n == 0
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.model.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """[C,H,W] or [H,W] float in [0,1] -> H x W (x 3) uint8."""
+    array = image.detach().float().clamp(0, 1).cpu().numpy()
+    if array.ndim == 3:
+        array = array[0] if array.shape[0] == 1 else np.moveaxis(array[:3], 0, -1)
+    return (array * 255 + 0.5).astype(np.uint8)
+
+
+def side_by_side(*images: np.ndarray, gap: int = 2) -> np.ndarray:
+    """Concatenate equally tall uint8 images horizontally with a white gap."""
+    as_rgb = [np.repeat(im[..., None], 3, axis=-1) if im.ndim == 2 else im for im in images]
+    spacer = np.full((as_rgb[0].shape[0], gap, 3), 255, np.uint8)
+    parts: list[np.ndarray] = []
+    for im in as_rgb:
+        parts += [im, spacer]
+    return np.concatenate(parts[:-1], axis=1)

@@ -1,0 +1,87 @@
+"""2-D semantic segmentation: an image in, per-pixel class logits out."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
+from deconvlab.tasks.base import BaseTask, side_by_side, to_uint8
+
+
+def default_palette(num_classes: int) -> np.ndarray:
+    """Distinct colours for ``num_classes`` classes (golden-angle hues), uint8 [K, 3]."""
+    import colorsys
+
+    hues = [(i * 0.618033988749895) % 1.0 for i in range(num_classes)]
+    return np.array([[int(255 * c) for c in colorsys.hsv_to_rgb(h, 0.75, 0.95)] for h in hues], np.uint8)
+
+
+def colourise(labels: torch.Tensor, palette: np.ndarray, ignore_index: int | None = None) -> np.ndarray:
+    """[H, W] class indices -> H x W x 3 uint8; ignored pixels are black."""
+    array = labels.detach().cpu().numpy().astype(np.int64)
+    out = np.zeros((*array.shape, 3), np.uint8)
+    valid = (array >= 0) & (array < len(palette))
+    if ignore_index is not None:
+        valid &= array != ignore_index
+    out[valid] = palette[array[valid]]
+    return out
+
+
+class SegmentationTask(BaseTask):
+    """Per-pixel cross-entropy; pixel accuracy, mean class accuracy and mIoU, ignoring ``ignore_index``.
+
+    Args:
+        num_classes: number of classes (void excluded).
+        ignore_index: label value excluded from loss and metrics (CamVid's void is 11).
+        class_weights: optional per-class loss weights (e.g. median frequency balancing).
+        palette: optional [K, 3] RGB colours for the sample overlays.
+        **kwargs: see :class:`~deconvlab.tasks.base.BaseTask`.
+    """
+
+    def __init__(self, *args, num_classes: int, ignore_index: int = -100,
+                 class_weights: Sequence[float] | None = None, palette: Sequence[Sequence[int]] | None = None,
+                 **kwargs) -> None:
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        kwargs.setdefault("monitor", "val/miou")
+        kwargs.setdefault("monitor_mode", "max")
+        super().__init__(*args, **kwargs)
+        weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
+        self.register_buffer("class_weights", weights, persistent=False)
+        self.palette = np.asarray(palette, np.uint8) if palette is not None else default_palette(num_classes)
+
+    def build_metrics(self) -> MetricCollection:
+        k, ignore = self.num_classes, self.ignore_index
+        return MetricCollection({
+            "pixel_acc": MulticlassAccuracy(k, average="micro", ignore_index=ignore),
+            "class_acc": MulticlassAccuracy(k, average="macro", ignore_index=ignore),
+            "miou": MulticlassJaccardIndex(k, average="macro", ignore_index=ignore),
+        })
+
+    def input_of(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return batch["image"]
+
+    def target_of(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return batch["mask"]
+
+    def step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self(batch["image"])
+        loss = F.cross_entropy(logits, batch["mask"], weight=self.class_weights, ignore_index=self.ignore_index)
+        return loss, logits
+
+    def render_samples(self, batch: dict[str, torch.Tensor], output: torch.Tensor) -> dict[str, np.ndarray]:
+        """Image | ground truth | prediction, coloured with the data set's palette."""
+        predictions = output.argmax(dim=1)
+        images = batch["image"]
+        # Images may be normalised: stretch each to [0, 1] for display only.
+        low = images.amin(dim=(1, 2, 3), keepdim=True)
+        high = images.amax(dim=(1, 2, 3), keepdim=True)
+        shown = (images - low) / (high - low).clamp_min(1e-6)
+        return {f"sample{i}_image_truth_prediction": side_by_side(
+                    to_uint8(shown[i]), colourise(batch["mask"][i], self.palette, self.ignore_index),
+                    colourise(predictions[i], self.palette))
+                for i in range(images.shape[0])}

@@ -1,0 +1,150 @@
+"""MLflow tracking: where runs go, what a run records, and ending runs with the right status.
+
+The embedded default store is SQLite in the working directory (``./mlflow.db``) with artifacts in
+``./mlartifacts``; ``MLFLOW_TRACKING_URI`` or the ``logger.tracking_uri`` config key point elsewhere
+(a team server over HTTP, Postgres...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import mlflow
+import numpy as np
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_ARTIFACT_ROOT = "mlartifacts"
+# MLflow's limits on one param value and on params per batch call.
+MAX_PARAM_LENGTH = 6000
+PARAMS_PER_BATCH = 100
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The tracking URI: ``uri`` if given, else ``MLFLOW_TRACKING_URI``, else ./mlflow.db."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def artifact_location(root: str | None = None) -> str | None:
+    """Absolute artifact root for new experiments in a local store; None lets a server decide."""
+    root = root or os.environ.get("DECONVLAB_ARTIFACT_ROOT") or DEFAULT_ARTIFACT_ROOT
+    if "://" in root:
+        return root
+    return Path(root).resolve().as_uri()
+
+
+def get_or_create_experiment(name: str, tracking_uri: str, artifact_root: str | None = None) -> str:
+    """The id of experiment ``name``, created with an explicit artifact location if missing.
+
+    An explicit location matters with SQLite: MLflow would otherwise write artifacts to ./mlruns of
+    whatever directory the process happens to run in.
+    """
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None if tracking_uri.startswith("http") else artifact_location(artifact_root)
+    if location is not None:
+        location = f"{location.rstrip('/')}/{name}"
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:
+        # Another process created it between our lookup and create.
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def flatten(config: Mapping[str, Any] | DictConfig, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"a.b.c": "value"} with values as strings (MLflow params)."""
+    if isinstance(config, DictConfig):
+        config = OmegaConf.to_container(config, resolve=True)
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:MAX_PARAM_LENGTH]
+    return flat
+
+
+def git_commit(cwd: str | Path | None = None) -> str | None:
+    """The current git commit of ``cwd`` (or of this package's checkout), None outside a repository."""
+    for where in (cwd, Path(__file__).resolve().parent):
+        if where is None:
+            continue
+        try:
+            out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
+                                 timeout=5, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if out.returncode == 0:
+            return out.stdout.strip()
+    return None
+
+
+def log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) -> None:
+    """Log many params, in batches MLflow accepts."""
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in params.items()]
+    for start in range(0, len(items), PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=items[start:start + PARAMS_PER_BATCH])
+
+
+def log_config(client: MlflowClient, run_id: str, cfg: DictConfig) -> None:
+    """The resolved config as flattened params and as ``config.yaml``, plus the git commit tag."""
+    log_params(client, run_id, flatten(cfg))
+    client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    commit = git_commit()
+    if commit:
+        client.set_tag(run_id, "mlflow.source.git.commit", commit)
+
+
+def log_images(client: MlflowClient, run_id: str, images: Mapping[str, np.ndarray], folder: str) -> None:
+    """Log uint8 images as PNG artifacts under ``folder``."""
+    for name, image in images.items():
+        client.log_image(run_id, image, f"{folder}/{name}.png")
+
+
+def save_images(images: Mapping[str, np.ndarray], folder: Path) -> None:
+    """Write uint8 images as PNG files (used where no MLflow run is at hand, e.g. in a sweep trial)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, image in images.items():
+        Image.fromarray(image).save(folder / f"{name}.png")
+
+
+def status_for(exc: BaseException | None) -> str:
+    """MLflow run status for how a run ended: FINISHED, KILLED (interrupted) or FAILED."""
+    if exc is None:
+        return "FINISHED"
+    return "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+
+
+@contextlib.contextmanager
+def tracked_run(experiment: str, run_name: str, tracking_uri: str, tags: Mapping[str, str] | None = None,
+                artifact_root: str | None = None) -> Iterator[tuple[MlflowClient, str]]:
+    """Open an MLflow run and always close it: FINISHED, FAILED (with the error as a tag) or KILLED.
+
+    Yields:
+        ``(client, run_id)``.
+    """
+    client = MlflowClient(tracking_uri)
+    experiment_id = get_or_create_experiment(experiment, tracking_uri, artifact_root)
+    run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
+    run_id = run.info.run_id
+    try:
+        yield client, run_id
+    except BaseException as exc:
+        client.set_tag(run_id, "error", f"{type(exc).__name__}: {exc}"[:5000])
+        client.set_terminated(run_id, status_for(exc))
+        raise
+    client.set_terminated(run_id, "FINISHED")

@@ -1,0 +1,119 @@
+"""``train(cfg)``: the one code path for a single run and for a sweep trial.
+
+A single run (``deconvlab train``) opens its own MLflow run here. A sweep trial composes the same
+config with ``logger.enabled=false`` and passes Tune's reporting callback in ``callbacks``: the sweep
+driver then logs the trial's child run, so trials never write to the tracking store themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.loggers import MLFlowLogger
+
+from deconvlab import tracking
+from deconvlab.callbacks import SampleImages
+from deconvlab.tasks.base import BaseTask
+
+
+@dataclass
+class TrainResult:
+    """What a finished run returns.
+
+    Attributes:
+        metrics: the last logged value of every metric, plus ``best/<monitor>``.
+        best_checkpoint: path of the best checkpoint (by the task's monitor), if any was written.
+        run_id: the MLflow run id for a tracked single run, None in a sweep trial.
+        monitor: the metric that ranked checkpoints, and its mode.
+    """
+
+    metrics: dict[str, float]
+    best_checkpoint: str | None
+    run_id: str | None = None
+    monitor: tuple[str, str] = ("val/loss", "min")
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_task(cfg: DictConfig) -> BaseTask:
+    """Instantiate the model, the optimiser factory and the task around them."""
+    model = instantiate(cfg.model)
+    optimizer = instantiate(cfg.optim)
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    # Plain containers (not DictConfig) in hparams keep checkpoints loadable with weights_only=True.
+    return instantiate(cfg.task, model=model, optimizer=optimizer, scheduler=scheduler, _convert_="all")
+
+
+def build_trainer(cfg: DictConfig, task: BaseTask, callbacks: Sequence[Callback],
+                  loggers: Sequence[pl.loggers.Logger]) -> tuple[pl.Trainer, ModelCheckpoint]:
+    """The Lightning Trainer from ``cfg.trainer`` plus the platform's checkpoint and sample callbacks."""
+    output_dir = Path(cfg.paths.output_dir)
+    checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best-epoch{epoch:03d}",
+                                 monitor=task.monitor, mode=task.monitor_mode, save_top_k=1, save_last=True,
+                                 auto_insert_metric_name=False)
+    trainer = instantiate(cfg.trainer, default_root_dir=str(output_dir), logger=list(loggers) or False,
+                          callbacks=[checkpoint, SampleImages(), *callbacks])
+    return trainer, checkpoint
+
+
+def _scalar_metrics(trainer: pl.Trainer) -> dict[str, float]:
+    return {k: float(v) for k, v in trainer.callback_metrics.items()
+            if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)}
+
+
+@contextlib.contextmanager
+def _tracked(cfg: DictConfig) -> Iterator[tuple[MlflowClient | None, str | None]]:
+    if not cfg.logger.get("enabled", True):
+        yield None, None
+        return
+    uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri"))
+    tags = {"deconvlab.experiment": str(cfg.get("name")), "deconvlab.task": cfg.task._target_.rsplit(".", 1)[-1]}
+    with tracking.tracked_run(cfg.logger.experiment_name, cfg.logger.run_name, uri, tags,
+                              cfg.logger.get("artifact_root")) as (client, run_id):
+        tracking.log_config(client, run_id, cfg)
+        yield client, run_id
+
+
+def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.data`` with ``cfg.task``; track it unless ``logger.enabled`` is false.
+
+    Everything is instantiated before any MLflow run opens, so a config that cannot be built leaves
+    no half-written run behind.
+
+    Args:
+        cfg: a config composed by :func:`deconvlab.config.compose_config`.
+        callbacks: extra Lightning callbacks (a sweep trial passes Tune's reporting callback).
+
+    Returns:
+        The final metrics, the best checkpoint path and the MLflow run id.
+    """
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = instantiate(cfg.data)
+    task = build_task(cfg)
+    with _tracked(cfg) as (client, run_id):
+        loggers = [MLFlowLogger(tracking_uri=client.tracking_uri, run_id=run_id)] if run_id else []
+        trainer, checkpoint = build_trainer(cfg, task, callbacks, loggers)
+        trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        metrics = _scalar_metrics(trainer)
+        best = checkpoint.best_model_path or None
+        if checkpoint.best_model_score is not None:
+            metrics[f"best/{task.monitor}"] = float(checkpoint.best_model_score)
+        if run_id:
+            client.log_metric(run_id, f"best/{task.monitor}", metrics.get(f"best/{task.monitor}", float("nan")))
+            if best:
+                client.log_artifact(run_id, best, "checkpoints")
+                client.set_tag(run_id, "deconvlab.best_checkpoint", f"checkpoints/{Path(best).name}")
+    return TrainResult(metrics, best, run_id, (task.monitor, task.monitor_mode))
+
+
+def resolved_yaml(cfg: DictConfig) -> str:
+    """The config as a user would read it (interpolations resolved)."""
+    return OmegaConf.to_yaml(cfg, resolve=True)

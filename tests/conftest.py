@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny composed configs, an isolated MLflow store per test, quiet libraries."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+# Quiet and offline before any of these libraries is imported by a test module.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+# Settings that make any experiment a few seconds on CPU.
+TINY_TRAINER = [
+    "trainer.accelerator=cpu",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=4",
+    "trainer.limit_val_batches=2",
+    "trainer.log_every_n_steps=1",
+    "+trainer.enable_progress_bar=false",
+]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread() -> None:
+    # Two cores are shared by tests and other work: one intra-op thread keeps timings stable.
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh SQLite MLflow store (and artifact root and output dir) under tmp_path."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("DECONVLAB_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
+    monkeypatch.setenv("DECONVLAB_OUTPUT_ROOT", str(tmp_path / "outputs"))
+    return uri
+
+
+@pytest.fixture
+def compose(tracking_uri: str) -> Callable[..., "DictConfig"]:  # noqa: F821
+    """compose(*overrides, tiny=True) -> a config with tiny trainer settings and a tmp MLflow store."""
+    from deconvlab.config import compose_config
+
+    def _compose(*overrides: str, tiny: bool = True):
+        return compose_config([*(TINY_TRAINER if tiny else []), *overrides])
+
+    return _compose
+
+
+def shared_data(*parts: str) -> Path:
+    """A path under ../shared/data, skipping the test when it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not available: {path}")
+    return path

@@ -1,0 +1,80 @@
+"""train(cfg) per task: a few steps reduce the loss, and the MLflow run holds everything."""
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from deconvlab.train import build_task, train
+
+# (experiment overrides, metric keys the run must have); more families add their own cases.
+TASK_CASES = {
+    "restoration": (["experiment=quickstart", "data.samples_per_epoch=64", "data.max_eval_size=64"],
+                    {"val/psnr", "val/ssim", "val/psnr_input", "val/loss", "train/loss_epoch"}),
+    "volumetric": (["experiment=phantom_tinyvol", "data.volume_size=24", "data.patch_size=12", "optim.lr=1e-2",
+                    "trainer.max_epochs=3", "trainer.limit_train_batches=8"],
+                   {"val/dice_whole", "val/dice_core", "val/dice_enhancing", "val/dice_mean"}),
+}
+
+
+def _validation_loss(task, datamodule) -> float:
+    task.eval()
+    with torch.no_grad():
+        losses = [task.step(batch)[0] for batch in datamodule.val_dataloader()]
+    return float(torch.stack(losses).mean())
+
+
+def _assert_learns_and_is_tracked(cfg, result, metric_keys, tracking_uri):
+    from hydra.utils import instantiate
+
+    import pytorch_lightning as pl
+
+    pl.seed_everything(cfg.seed)
+    untrained = build_task(cfg)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("validate")
+    before = _validation_loss(untrained, datamodule)
+    trained = build_task(cfg)
+    trained.load_state_dict(torch.load(result.best_checkpoint, weights_only=True)["state_dict"])
+    assert _validation_loss(trained, datamodule) < before
+
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert metric_keys <= set(run.data.metrics)
+    assert run.data.params["trainer.max_epochs"] == str(cfg.trainer.max_epochs)
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"config.yaml", "checkpoints", "samples"} <= artifacts
+    history = client.get_metric_history(result.run_id, cfg.task.monitor)
+    assert len(history) == cfg.trainer.max_epochs  # one value per epoch
+
+
+@pytest.mark.parametrize("task_name", sorted(TASK_CASES))
+def test_task_learns_and_run_is_tracked(task_name, compose, tracking_uri):
+    overrides, metric_keys = TASK_CASES[task_name]
+    cfg = compose(*overrides)
+    result = train(cfg)
+    _assert_learns_and_is_tracked(cfg, result, metric_keys, tracking_uri)
+
+
+def test_failed_run_ends_failed_with_the_error(compose, tracking_uri):
+    import pytorch_lightning as pl
+
+    class Explode(pl.Callback):
+        def on_train_batch_end(self, *args, **kwargs):
+            raise RuntimeError("boom in training")
+
+    cfg = compose("experiment=quickstart", "data.samples_per_epoch=32", "data.max_eval_size=32")
+    with pytest.raises(RuntimeError, match="boom"):
+        train(cfg, callbacks=[Explode()])
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    assert run.info.status == "FAILED" and "boom in training" in run.data.tags["error"]
+
+
+def test_untracked_trial_mode_writes_no_run(compose, tracking_uri, tmp_path):
+    cfg = compose("experiment=quickstart", "logger=none", "data.samples_per_epoch=32", "data.max_eval_size=32")
+    result = train(cfg)
+    assert result.run_id is None and result.best_checkpoint and "val/psnr" in result.metrics
+    assert not (tmp_path / "mlflow.db").exists()
+    # Without an MLflow run, sample images land beside the checkpoints (the sweep driver picks them up).
+    assert list((tmp_path / "outputs").rglob("samples/epoch_*/*.png"))
