@@ -42,6 +42,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from deconvlab.sweep.runner import run_sweep
+
+    outcome = run_sweep(args.sweep, args.overrides, address=args.address, smoke_test=args.smoke_test,
+                        storage_path=args.storage, quiet=args.quiet)
+    print(f"sweep parent run {outcome.parent_run_id} in experiment {outcome.experiment_name}; "
+          f"best trial {outcome.best_trial} (run {outcome.best_run_id})")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from deconvlab.config import group_options, project_root
 
@@ -83,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--cfg", choices=["job"], help="print the composed config and exit")
     train.add_argument("--resolve", action="store_true", help="with --cfg: resolve interpolations")
     train.set_defaults(func=cmd_train)
+
+    sweep = sub.add_parser("sweep", help="run a Ray Tune sweep: deconvlab sweep quickstart [overrides] [--smoke-test]")
+    sweep.add_argument("sweep", help="a name under sweeps/ or a path to a sweep YAML")
+    sweep.add_argument("overrides", nargs="*", help="Hydra overrides for every trial")
+    sweep.add_argument("--address", help="Ray cluster: auto or HOST:PORT (default: a local cluster)")
+    sweep.add_argument("--smoke-test", action="store_true", help="tiny data, few short trials")
+    sweep.add_argument("--storage", help="Ray storage_path for checkpoints and state (default ./ray_results)")
+    sweep.add_argument("--quiet", action="store_true", help="no progress output or leaderboard")
+    sweep.set_defaults(func=cmd_sweep)
 
     listing = sub.add_parser("list", help="what can be run: experiments, models, data, sweeps")
     listing.add_argument("kind", nargs="?", choices=[*KINDS, "sweeps"])

@@ -53,14 +53,15 @@ def build_task(cfg: DictConfig) -> BaseTask:
 
 
 def build_trainer(cfg: DictConfig, task: BaseTask, callbacks: Sequence[Callback],
-                  loggers: Sequence[pl.loggers.Logger]) -> tuple[pl.Trainer, ModelCheckpoint]:
+                  loggers: Sequence[pl.loggers.Logger],
+                  trainer_overrides: dict[str, Any] | None = None) -> tuple[pl.Trainer, ModelCheckpoint]:
     """The Lightning Trainer from ``cfg.trainer`` plus the platform's checkpoint and sample callbacks."""
     output_dir = Path(cfg.paths.output_dir)
     checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best-epoch{epoch:03d}",
                                  monitor=task.monitor, mode=task.monitor_mode, save_top_k=1, save_last=True,
                                  auto_insert_metric_name=False)
     trainer = instantiate(cfg.trainer, default_root_dir=str(output_dir), logger=list(loggers) or False,
-                          callbacks=[checkpoint, SampleImages(), *callbacks])
+                          callbacks=[checkpoint, SampleImages(), *callbacks], **(trainer_overrides or {}))
     return trainer, checkpoint
 
 
@@ -82,7 +83,8 @@ def _tracked(cfg: DictConfig) -> Iterator[tuple[MlflowClient | None, str | None]
         yield client, run_id
 
 
-def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
+def train(cfg: DictConfig, callbacks: Sequence[Callback] = (),
+          trainer_overrides: dict[str, Any] | None = None) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.data`` with ``cfg.task``; track it unless ``logger.enabled`` is false.
 
     Everything is instantiated before any MLflow run opens, so a config that cannot be built leaves
@@ -91,6 +93,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
     Args:
         cfg: a config composed by :func:`deconvlab.config.compose_config`.
         callbacks: extra Lightning callbacks (a sweep trial passes Tune's reporting callback).
+        trainer_overrides: Trainer arguments set by code, not config (Ray's DDP strategy in workers).
 
     Returns:
         The final metrics, the best checkpoint path and the MLflow run id.
@@ -100,7 +103,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
     task = build_task(cfg)
     with _tracked(cfg) as (client, run_id):
         loggers = [MLFlowLogger(tracking_uri=client.tracking_uri, run_id=run_id)] if run_id else []
-        trainer, checkpoint = build_trainer(cfg, task, callbacks, loggers)
+        trainer, checkpoint = build_trainer(cfg, task, callbacks, loggers, trainer_overrides)
         trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         metrics = _scalar_metrics(trainer)
         best = checkpoint.best_model_path or None

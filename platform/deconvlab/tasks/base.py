@@ -111,6 +111,15 @@ class BaseTask(pl.LightningModule):
         """Turn metric results into scalars (subclasses split per-class/per-region vectors)."""
         return values
 
+    def val_metric_names(self) -> list[str]:
+        """Names (without ``val/``) of the scalars logged at the end of validation."""
+        return list(self.val_metrics.keys())
+
+    def metric_names(self) -> set[str]:
+        """Every metric this task logs: what sweeps may rank trials by."""
+        return {"train/loss", "train/loss_epoch", "train/loss_step", "val/loss",
+                *(f"val/{name}" for name in self.val_metric_names())}
+
     def input_of(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 

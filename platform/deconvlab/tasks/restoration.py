@@ -39,6 +39,9 @@ class RestorationTask(BaseTask):
             "ssim": StructuralSimilarityIndexMeasure(data_range=1.0),
         })
 
+    def val_metric_names(self) -> list[str]:
+        return [*super().val_metric_names(), "psnr_input"]
+
     def input_of(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return batch["input"]
 

@@ -81,6 +81,9 @@ class VolumetricSegmentationTask(BaseTask):
         flat["dice_mean"] = dice.mean()
         return flat
 
+    def val_metric_names(self) -> list[str]:
+        return [*(f"dice_{name}" for name in self.regions), "dice_mean"]
+
     def input_of(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return batch["image"]
 

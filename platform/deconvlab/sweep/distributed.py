@@ -1,0 +1,51 @@
+"""A trial with several data-parallel workers: Ray Train's TorchTrainer running ``train(cfg)`` with DDP.
+
+The Tune trial is a light driver that starts a TorchTrainer; each worker runs the same ``train(cfg)``
+with Ray's DDP strategy (NCCL on GPUs, gloo on CPUs) and reports through ``ray.train.report``;
+Tune's ``TuneReportCallback`` forwards rank 0's metrics (and the checkpoint's path) to the trial.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from omegaconf import OmegaConf
+
+
+def _worker_loop(config: dict[str, Any]) -> None:
+    import ray.train
+    from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment
+
+    from deconvlab.sweep.trial import CHECKPOINT_FILE, ReportToRay
+    from deconvlab.train import train
+
+    cfg = OmegaConf.create(config["cfg"])
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        cfg.ckpt_path = os.path.join(checkpoint.to_directory(), CHECKPOINT_FILE)
+    # Each rank writes its own folder; rank 0's checkpoint and samples are the ones reported.
+    cfg.paths.output_dir = f"{cfg.paths.output_dir}/rank{ray.train.get_context().get_world_rank()}"
+    train(cfg, callbacks=[ReportToRay(ray.train.report)],
+          trainer_overrides={"strategy": RayDDPStrategy(), "plugins": [RayLightningEnvironment()],
+                             "devices": "auto", "use_distributed_sampler": True})
+
+
+def fit_with_ray_train(cfg, workers: int, resources: dict[str, float], name: str,
+                       storage_path: str | None = None) -> None:
+    """Train ``cfg`` on ``workers`` Ray Train workers, each with ``resources`` (cpu, gpu)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    gpu = float(resources.get("gpu", 0))
+    per_worker = {"CPU": float(resources.get("cpu", 1))} | ({"GPU": gpu} if gpu else {})
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True)},
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu > 0,
+                                               resources_per_worker=per_worker),
+        # A deterministic name: a restored trial finds its Ray Train run again.
+        run_config=ray.train.RunConfig(name=name, storage_path=storage_path, callbacks=[TuneReportCallback()]),
+    )
+    trainer.fit()

@@ -1,0 +1,195 @@
+"""``run_sweep``: a sweep file -> a Ray Tune Tuner, a parent MLflow run, a leaderboard."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from deconvlab import tracking
+from deconvlab.config import compose_config
+from deconvlab.errors import UserError
+from deconvlab.sweep import leaderboard as lb
+from deconvlab.sweep.spec import SweepSpec, load_sweep, validate
+from deconvlab.sweep.tracking import MLflowSweepCallback
+from deconvlab.sweep.trial import run_trial, trial_config
+
+DEFAULT_STORAGE = "ray_results"
+
+
+@dataclass
+class SweepOutcome:
+    """What a finished sweep returns."""
+
+    parent_run_id: str
+    experiment_name: str
+    leaderboard: pd.DataFrame
+    best_trial: str | None
+    best_run_id: str | None
+
+
+def _scheduler(spec: SweepSpec, max_epochs: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    options = {k: v for k, v in spec.scheduler.items() if k != "type"}
+    kind = spec.scheduler["type"]
+    if kind == "asha":
+        return ASHAScheduler(time_attr="training_iteration", max_t=options.pop("max_t", max_epochs), **options)
+    if kind == "pbt":
+        mutations = {k: d.to_tune() for k, d in spec.search_space.items() if d.kind != "grid"}
+        return PopulationBasedTraining(time_attr="training_iteration", hyperparam_mutations=mutations, **options)
+    return FIFOScheduler()
+
+
+def _searcher(spec: SweepSpec):
+    if spec.search["type"] != "optuna":
+        return None
+    if any(d.kind == "grid" for d in spec.search_space.values()):
+        raise UserError("optuna search cannot take grid(...) dimensions", f"{spec.path}: search_space",
+                        "use choice(...) with optuna, or search: {type: grid}")
+    from ray.tune.search.optuna import OptunaSearch
+
+    options = {k: v for k, v in spec.search.items() if k != "type"}
+    return OptunaSearch(**options)
+
+
+def _trial_resources(spec: SweepSpec) -> dict[str, float]:
+    if spec.workers_per_trial > 1:
+        # The trial itself only drives a TorchTrainer: its workers hold the CPUs/GPUs.
+        return {"cpu": 0, "gpu": 0}
+    return {"cpu": spec.resources.get("cpu", 1), "gpu": spec.resources.get("gpu", 0)}
+
+
+def check_cluster_can_run(spec: SweepSpec, available: dict[str, float]) -> None:
+    """A trial asking for more CPUs/GPUs than the whole cluster has would wait forever: refuse it now."""
+    workers = max(1, spec.workers_per_trial)
+    for kind, key in (("cpu", "CPU"), ("gpu", "GPU")):
+        need = float(spec.resources.get(kind, 0)) * workers
+        have = float(available.get(key, 0))
+        if need > have:
+            raise UserError(f"one trial needs {need:g} {kind.upper()} but the Ray cluster has {have:g}",
+                            f"{spec.path}: resources / workers_per_trial",
+                            "lower resources per trial or workers_per_trial, or add nodes to the cluster")
+
+
+def init_ray(address: str | None) -> dict[str, float]:
+    """Connect to a cluster (``auto`` or HOST:PORT) or start a local one; returns its resources."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=True, configure_logging=False)
+        except ConnectionError as exc:
+            raise UserError(f"cannot reach a Ray cluster at {address!r}: {exc}", "--address",
+                            "start one (ray start --head) or leave --address out for a local cluster") from None
+    return ray.cluster_resources()
+
+
+def _log_parent(client, run_id: str, spec: SweepSpec, overrides: Sequence[str]) -> None:
+    params = {"sweep.name": spec.name, "sweep.experiment": spec.experiment, "sweep.metric": spec.metric,
+              "sweep.mode": spec.mode, "sweep.num_samples": str(spec.num_samples),
+              "sweep.workers_per_trial": str(spec.workers_per_trial), "sweep.overrides": " ".join(overrides),
+              **{f"sweep.scheduler.{k}": str(v) for k, v in spec.scheduler.items()},
+              **{f"sweep.search.{k}": str(v) for k, v in spec.search.items()},
+              **{f"sweep.resources.{k}": str(v) for k, v in spec.resources.items()},
+              **{f"search_space.{k}": f"{d.kind}{tuple(d.args)}" for k, d in spec.search_space.items()}}
+    tracking.log_params(client, run_id, params)
+    client.log_artifact(run_id, spec.path, "sweep")
+
+
+def _log_leaderboard(client, run_id: str, table: pd.DataFrame, results, spec: SweepSpec) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder)
+        table.to_csv(out / "leaderboard.csv", index=False)
+        table.to_html(out / "leaderboard.html", index=False, float_format=lambda v: f"{v:.4g}")
+        lb.render_png(table, out / "leaderboard.png", f"{spec.name}: {spec.metric} ({spec.mode})")
+        histories = {r.metrics["trial_id"]: r.metrics_dataframe for r in results
+                     if r.metrics and r.metrics_dataframe is not None}
+        lb.render_curves(histories, spec.metric, out / "curves.png")
+        client.log_artifacts(run_id, folder, "leaderboard")
+
+
+def _print_leaderboard(table: pd.DataFrame, spec: SweepSpec, tracking_uri: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    shown = Table(title=f"leaderboard of sweep {spec.name}: {spec.metric} ({spec.mode})")
+    for column in table.columns:
+        shown.add_column(str(column))
+    for _, row in table.iterrows():
+        shown.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
+    console = Console(width=200)
+    console.print(shown)
+    console.print(f"compare runs in the MLflow UI: deconvlab ui   (store: {tracking_uri})")
+
+
+def run_sweep(name_or_path: str, overrides: Sequence[str] = (), address: str | None = None,
+              smoke_test: bool = False, storage_path: str | None = None, quiet: bool = False) -> SweepOutcome:
+    """Run a sweep end to end: validate, start Ray, run the trials, log parent/child runs and the leaderboard.
+
+    Args:
+        name_or_path: a sweep name under ``sweeps/`` or a path to a sweep YAML.
+        overrides: Hydra overrides applied to every trial (after the sweep's own).
+        address: a Ray cluster address (``auto``, ``HOST:PORT``) or None for a local cluster.
+        smoke_test: apply the sweep's ``smoke_test`` block (tiny data, few trials).
+        storage_path: where Ray keeps trial checkpoints and experiment state (shared storage on a cluster).
+        quiet: no leaderboard on the terminal.
+
+    Raises:
+        UserError: anything wrong with the sweep file or the cluster, before any trial starts.
+    """
+    from ray import tune
+
+    spec = load_sweep(name_or_path)
+    spec = spec.with_smoke_test() if smoke_test else spec
+    overrides = list(overrides)
+    validate(spec, overrides)
+    base = compose_config([*spec.trial_overrides({}), *overrides])
+    scheduler, searcher = _scheduler(spec, int(base.trainer.max_epochs)), _searcher(spec)
+    check_cluster_can_run(spec, init_ray(address))
+    storage = str(Path(storage_path or os.environ.get("DECONVLAB_RAY_STORAGE", DEFAULT_STORAGE)).resolve()) \
+        if "://" not in str(storage_path or "") else storage_path
+    uri = tracking.resolve_tracking_uri(base.logger.get("tracking_uri"))
+    experiment = f"sweep-{spec.name}"
+    run_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with tracking.tracked_run(experiment, run_name, uri, {"deconvlab.sweep": spec.name, "deconvlab.role": "parent"},
+                              base.logger.get("artifact_root")) as (client, parent_id):
+        _log_parent(client, parent_id, spec, overrides)
+        sweep_dict = spec.to_dict()
+        callback = MLflowSweepCallback(
+            client, client.get_run(parent_id).info.experiment_id, parent_id, spec.name, spec.metric, spec.mode,
+            int(base.trainer.max_epochs),
+            lambda trial: trial_config(sweep_dict, trial.config, f"trials/{trial.trial_id}", overrides))
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, sweep=sweep_dict, extra_overrides=overrides, storage_path=storage),
+            _trial_resources(spec))
+        tuner = tune.Tuner(
+            trainable,
+            param_space={k: d.to_tune() for k, d in spec.search_space.items()},
+            tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler,
+                                        search_alg=searcher, num_samples=spec.num_samples,
+                                        max_concurrent_trials=spec.max_concurrent_trials or None),
+            run_config=tune.RunConfig(
+                name=run_name, storage_path=storage, callbacks=[callback], verbose=0 if quiet else 1,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=spec.metric,
+                                                        checkpoint_score_order=spec.mode),
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures)),
+        )
+        results = tuner.fit()
+        table = lb.build_leaderboard(results, callback, spec.metric, spec.mode)
+        _log_leaderboard(client, parent_id, table, results, spec)
+        best_trial = table.iloc[0]["trial"] if len(table) else None
+        best_run = table.iloc[0]["mlflow_run"] if len(table) else None
+        if best_trial is not None:
+            client.set_tag(parent_id, "deconvlab.best_trial", best_trial)
+            client.set_tag(parent_id, "deconvlab.best_run_id", best_run)
+            client.log_metric(parent_id, f"best/{spec.metric}", float(table.iloc[0][f"best {spec.metric}"]))
+    if not quiet:
+        _print_leaderboard(table, spec, uri)
+    return SweepOutcome(parent_id, experiment, table, best_trial, best_run)

@@ -1,0 +1,259 @@
+"""Sweep files: parsing, search-space distributions, and validation before any trial starts.
+
+A sweep file looks like::
+
+    experiment: quickstart              # the base experiment (conf/experiment/<name>.yaml)
+    overrides: [trainer.max_epochs=6]   # more Hydra overrides for every trial
+    metric: val/psnr
+    mode: max
+    search_space:                       # dotted Hydra keys -> distributions
+      optim.lr: loguniform(1e-4, 1e-2)
+      model.width: choice([16, 32])
+    scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
+    search: {type: random}              # random | grid | optuna
+    num_samples: 6
+    max_concurrent_trials: 2
+    resources: {cpu: 1, gpu: 0}
+    workers_per_trial: 1
+    smoke_test: {num_samples: 3, overrides: [debug=smoke]}
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deconvlab.errors import UserError
+
+DISTRIBUTIONS = ("choice", "grid", "uniform", "quniform", "loguniform", "qloguniform", "randint", "qrandint")
+SCHEDULERS = ("fifo", "asha", "pbt")
+SEARCHERS = ("random", "grid", "optuna")
+_CALL = re.compile(r"^\s*([a-z_]+)\s*\((.*)\)\s*$", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """One search dimension, e.g. ``loguniform(1e-4, 1e-2)``."""
+
+    kind: str
+    args: tuple[Any, ...]
+
+    def to_tune(self) -> Any:
+        """The Ray Tune sampler (``grid`` becomes ``tune.grid_search``)."""
+        from ray import tune
+
+        if self.kind == "grid":
+            return tune.grid_search(list(self.args[0]))
+        if self.kind == "choice":
+            return tune.choice(list(self.args[0]))
+        return getattr(tune, self.kind)(*self.args)
+
+    def values_for_validation(self) -> list[Any]:
+        """Representative values, used to check that a trial's overrides compose."""
+        if self.kind in ("choice", "grid"):
+            return list(self.args[0])
+        return [self.args[0]]
+
+
+def parse_distribution(key: str, text: Any) -> Distribution:
+    """``"loguniform(1e-4, 1e-2)"`` -> Distribution; a UserError naming the key otherwise."""
+    match = _CALL.match(str(text))
+    if not match:
+        raise UserError(f"search space value {text!r} is not a distribution", f"search_space.{key}",
+                        f"write one of {', '.join(d + '(...)' for d in DISTRIBUTIONS)}")
+    kind, raw_args = match.groups()
+    if kind not in DISTRIBUTIONS:
+        raise UserError(f"unknown distribution {kind!r}", f"search_space.{key}",
+                        f"use one of: {', '.join(DISTRIBUTIONS)}")
+    try:
+        args = ast.literal_eval(f"({raw_args},)") if raw_args.strip() else ()
+    except (ValueError, SyntaxError):
+        raise UserError(f"cannot read the arguments of {text!r}", f"search_space.{key}",
+                        "arguments must be Python literals, e.g. choice([16, 32]) or uniform(0.1, 0.5)") from None
+    _check_arguments(key, kind, args)
+    return Distribution(kind, tuple(args))
+
+
+def _check_arguments(key: str, kind: str, args: tuple[Any, ...]) -> None:
+    where = f"search_space.{key}"
+    if kind in ("choice", "grid"):
+        if len(args) != 1 or not isinstance(args[0], (list, tuple)) or not args[0]:
+            raise UserError(f"{kind} needs one non-empty list", where, f"e.g. {kind}([0.25, 0.5])")
+        return
+    numeric = all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
+    expected = 3 if kind.startswith("q") else 2
+    if len(args) != expected or not numeric:
+        raise UserError(f"{kind} needs {expected} numbers", where, f"e.g. {kind}(1e-4, 1e-2{', 1e-4' if expected == 3 else ''})")
+    low, high = args[0], args[1]
+    if not low < high:
+        raise UserError(f"{kind} needs low < high, got {low} and {high}", where, "swap or fix the bounds")
+    if "log" in kind and low <= 0:
+        raise UserError(f"{kind} needs positive bounds, got {low}", where, "use uniform for ranges through 0")
+
+
+@dataclass
+class SweepSpec:
+    """A validated sweep file. See the module docstring for the format."""
+
+    name: str
+    path: str
+    experiment: str
+    metric: str
+    mode: str
+    search_space: dict[str, Distribution]
+    overrides: list[str] = field(default_factory=list)
+    scheduler: dict[str, Any] = field(default_factory=lambda: {"type": "fifo"})
+    search: dict[str, Any] = field(default_factory=lambda: {"type": "random"})
+    num_samples: int = 1
+    max_concurrent_trials: int = 0
+    resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
+    workers_per_trial: int = 1
+    max_failures: int = 0
+    smoke_test: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def trial_overrides(self, sampled: dict[str, Any]) -> list[str]:
+        """The Hydra overrides of one trial: experiment, sweep overrides, then the sampled values."""
+        return [f"experiment={self.experiment}", *self.overrides,
+                *(f"{key}={_override_value(value)}" for key, value in sampled.items())]
+
+    def with_smoke_test(self) -> SweepSpec:
+        """The same sweep made tiny: its ``smoke_test`` block's overrides and sample count."""
+        smoke = dict(self.smoke_test)
+        spec = SweepSpec(**{**asdict(self), "search_space": self.search_space})
+        spec.overrides = [*self.overrides, *smoke.get("overrides", ["debug=smoke"])]
+        spec.num_samples = int(smoke.get("num_samples", min(self.num_samples, 3)))
+        if "scheduler" in smoke:
+            spec.scheduler = {**self.scheduler, **smoke["scheduler"]}
+        return spec
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (for Ray to ship to trials and for MLflow params)."""
+        data = asdict(self)
+        data["search_space"] = {k: {"kind": d.kind, "args": list(d.args)} for k, d in self.search_space.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SweepSpec:
+        space = {k: Distribution(v["kind"], tuple(v["args"])) for k, v in data["search_space"].items()}
+        return cls(**{**data, "search_space": space})
+
+
+def _override_value(value: Any) -> str:
+    """A sampled value as Hydra override text (lists and strings quoted the way Hydra parses them)."""
+    if isinstance(value, str):
+        return value if re.fullmatch(r"[\w.\-/]+", value) else repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    return "null" if value is None else str(value)
+
+
+def sweeps_dir() -> Path:
+    from deconvlab.config import project_root
+
+    return project_root() / "sweeps"
+
+
+def resolve_sweep_path(name_or_path: str) -> Path:
+    """``quickstart`` -> sweeps/quickstart.yaml; a path is taken as is."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
+        return candidate
+    named = sweeps_dir() / f"{name_or_path}.yaml"
+    if named.is_file():
+        return named
+    known = sorted(p.stem for p in sweeps_dir().glob("*.yaml"))
+    raise UserError(f"unknown sweep {name_or_path!r}", str(sweeps_dir()),
+                    f"choose one of: {', '.join(known) or '(none)'} or give a path to a sweep YAML")
+
+
+REQUIRED = ("experiment", "metric", "mode", "search_space")
+KNOWN_KEYS = {*REQUIRED, "overrides", "scheduler", "search", "num_samples", "max_concurrent_trials", "resources",
+              "workers_per_trial", "max_failures", "smoke_test", "description"}
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"malformed YAML: {getattr(exc, 'problem', exc)}", where, "fix the YAML syntax") from None
+    if not isinstance(data, dict):
+        raise UserError("a sweep file must be a mapping of keys", str(path), f"start from {sweeps_dir()}/quickstart.yaml")
+    return data
+
+
+def _check_keys(data: dict[str, Any], path: Path) -> None:
+    missing = [k for k in REQUIRED if k not in data]
+    if missing:
+        raise UserError(f"missing key(s) {', '.join(missing)}", str(path), f"a sweep file needs {', '.join(REQUIRED)}")
+    unknown = sorted(set(data) - KNOWN_KEYS)
+    if unknown:
+        raise UserError(f"unknown key(s) {', '.join(unknown)}", str(path), f"valid keys: {', '.join(sorted(KNOWN_KEYS))}")
+    if data["mode"] not in ("min", "max"):
+        raise UserError(f"mode must be min or max, got {data['mode']!r}", f"{path}: mode", "set mode: max or mode: min")
+    kind = (data.get("scheduler") or {}).get("type", "fifo")
+    if kind not in SCHEDULERS:
+        raise UserError(f"unknown scheduler {kind!r}", f"{path}: scheduler.type", f"use one of {', '.join(SCHEDULERS)}")
+    kind = (data.get("search") or {}).get("type", "random")
+    if kind not in SEARCHERS:
+        raise UserError(f"unknown search {kind!r}", f"{path}: search.type", f"use one of {', '.join(SEARCHERS)}")
+    if not isinstance(data["search_space"], dict) or not data["search_space"]:
+        raise UserError("search_space must map config keys to distributions", f"{path}: search_space",
+                        "e.g. search_space: {optim.lr: loguniform(1e-4, 1e-2)}")
+
+
+def load_sweep(name_or_path: str) -> SweepSpec:
+    """Read and check a sweep file (syntax, keys, distributions); config keys are checked by :func:`validate`."""
+    path = resolve_sweep_path(name_or_path)
+    data = _load_yaml(path)
+    _check_keys(data, path)
+    space = {str(k): parse_distribution(str(k), v) for k, v in data["search_space"].items()}
+    resources = {"cpu": 1, "gpu": 0, **(data.get("resources") or {})}
+    return SweepSpec(
+        name=path.stem, path=str(path), experiment=str(data["experiment"]), metric=str(data["metric"]),
+        mode=data["mode"], search_space=space, overrides=[str(o) for o in data.get("overrides") or []],
+        scheduler={"type": "fifo", **(data.get("scheduler") or {})},
+        search={"type": "random", **(data.get("search") or {})}, num_samples=int(data.get("num_samples", 1)),
+        max_concurrent_trials=int(data.get("max_concurrent_trials", 0)),
+        resources={k: float(v) for k, v in resources.items()},
+        workers_per_trial=int(data.get("workers_per_trial", 1)), max_failures=int(data.get("max_failures", 0)),
+        smoke_test=dict(data.get("smoke_test") or {}), raw=data)
+
+
+def validate(spec: SweepSpec, extra_overrides: list[str] = ()) -> None:
+    """Check against the real config, before anything starts: keys exist, values compose, metric is reported.
+
+    Raises:
+        UserError: a search key that is not in the config, a value that does not compose, or a metric
+        that the experiment's task never reports.
+    """
+    from omegaconf import OmegaConf
+
+    from deconvlab.config import compose_config
+
+    base = compose_config([*spec.trial_overrides({}), *extra_overrides])
+    for key in spec.search_space:
+        if OmegaConf.select(base, key, default="__missing__") == "__missing__":
+            raise UserError(f"search key {key!r} is not in the config of experiment {spec.experiment!r}",
+                            f"{spec.path}: search_space.{key}", "use a dotted key that `deconvlab train --cfg job` shows")
+    for key, dist in spec.search_space.items():
+        for value in dist.values_for_validation():
+            compose_config([*spec.trial_overrides({key: value}), *extra_overrides])
+    reported = task_metric_names(base)
+    if spec.metric not in reported:
+        raise UserError(f"metric {spec.metric!r} is never reported by this experiment", f"{spec.path}: metric",
+                        f"choose one of: {', '.join(sorted(reported))}")
+
+
+def task_metric_names(cfg) -> set[str]:
+    """The metric names the configured task reports (builds the task; no data is touched)."""
+    from deconvlab.train import build_task
+
+    return build_task(cfg).metric_names()

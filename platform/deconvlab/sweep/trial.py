@@ -1,0 +1,88 @@
+"""One sweep trial: compose the trial's config and run the same ``train(cfg)`` as a single run.
+
+Trials never write to MLflow (concurrent SQLite writers lock each other out, and a trial on another
+node may not reach the store): they report metrics and a checkpoint folder to Ray, and the sweep
+driver's callback logs the child runs. The checkpoint folder carries the epoch's sample images too, so
+they reach the driver through Ray's storage wherever the trial ran.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import pytorch_lightning as pl
+import torch
+
+CHECKPOINT_FILE = "checkpoint.ckpt"
+SAMPLES_DIR = "samples"
+# Keys added to every report so the driver can tell how far a trial got.
+EPOCH_KEY = "epoch"
+
+
+class ReportToRay(pl.Callback):
+    """After each validation: report the scalar metrics and a checkpoint folder to Ray.
+
+    Args:
+        report: ``ray.tune.report`` for a single-worker trial, ``ray.train.report`` inside Ray Train
+            workers (every rank must call it; rank 0 attaches the checkpoint).
+    """
+
+    def __init__(self, report: Callable[..., None]) -> None:
+        self.report = report
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+                   if isinstance(v, torch.Tensor) and v.numel() == 1}
+        metrics[EPOCH_KEY] = trainer.current_epoch + 1
+        from ray.tune import Checkpoint
+
+        with tempfile.TemporaryDirectory() as folder:
+            trainer.save_checkpoint(os.path.join(folder, CHECKPOINT_FILE))
+            samples = Path(trainer.default_root_dir) / SAMPLES_DIR / f"epoch_{trainer.current_epoch:03d}"
+            if trainer.is_global_zero and samples.is_dir():
+                shutil.copytree(samples, Path(folder) / SAMPLES_DIR / samples.name)
+            checkpoint = Checkpoint.from_directory(folder) if trainer.is_global_zero else None
+            self.report(metrics, checkpoint=checkpoint)
+
+
+def trial_config(sweep: dict[str, Any], sampled: dict[str, Any], output_dir: str, extra: list[str]):
+    """The composed config of one trial (also used by the driver to log the child run's config)."""
+    from deconvlab.config import compose_config
+    from deconvlab.sweep.spec import SweepSpec
+
+    spec = SweepSpec.from_dict(sweep)
+    overrides = [*spec.trial_overrides(sampled), *extra, "logger=none", f"paths.output_dir={output_dir}"]
+    return compose_config(overrides)
+
+
+def _resume_path(checkpoint) -> str | None:
+    if checkpoint is None:
+        return None
+    local = checkpoint.to_directory()
+    return os.path.join(local, CHECKPOINT_FILE)
+
+
+def run_trial(sampled: dict[str, Any], sweep: dict[str, Any], extra_overrides: list[str],
+              storage_path: str | None = None) -> None:
+    """The Tune function trainable. ``sampled`` is Tune's config: dotted Hydra keys -> values."""
+    from ray import tune
+
+    from deconvlab.train import train
+
+    context = tune.get_context()
+    output_dir = os.path.join(tempfile.gettempdir(), "deconvlab-trials", context.get_trial_id())
+    cfg = trial_config(sweep, sampled, output_dir, extra_overrides)
+    cfg.ckpt_path = _resume_path(tune.get_checkpoint())
+    workers = int(sweep.get("workers_per_trial", 1))
+    if workers > 1:
+        from deconvlab.sweep.distributed import fit_with_ray_train
+
+        fit_with_ray_train(cfg, workers, sweep["resources"], context.get_trial_name(), storage_path)
+    else:
+        train(cfg, callbacks=[ReportToRay(tune.report)])
