@@ -10,6 +10,8 @@ from deconvlab.train import build_task, train
 TASK_CASES = {
     "restoration": (["experiment=quickstart", "data.samples_per_epoch=64", "data.max_eval_size=64"],
                     {"val/psnr", "val/ssim", "val/psnr_input", "val/loss", "train/loss_epoch"}),
+    "reconstruction": (["experiment=autoencoder_fc", "data.max_samples=512", "optim.lr=3e-3"],
+                       {"val/mse", "val/bce", "val/loss", "model/num_params"}),
     "volumetric": (["experiment=phantom_tinyvol", "data.volume_size=24", "data.patch_size=12", "optim.lr=1e-2",
                     "trainer.max_epochs=3", "trainer.limit_train_batches=8"],
                    {"val/dice_whole", "val/dice_core", "val/dice_enhancing", "val/dice_mean"}),
@@ -24,9 +26,8 @@ def _validation_loss(task, datamodule) -> float:
 
 
 def _assert_learns_and_is_tracked(cfg, result, metric_keys, tracking_uri):
-    from hydra.utils import instantiate
-
     import pytorch_lightning as pl
+    from hydra.utils import instantiate
 
     pl.seed_everything(cfg.seed)
     untrained = build_task(cfg)

@@ -58,10 +58,14 @@ def _searcher(spec: SweepSpec):
     return OptunaSearch(**options)
 
 
+# A multi-worker trial only drives a TorchTrainer whose workers hold the CPUs/GPUs; Ray refuses a
+# request of nothing at all, so the driver asks for a sliver of one CPU.
+DRIVER_CPU = 0.01
+
+
 def _trial_resources(spec: SweepSpec) -> dict[str, float]:
     if spec.workers_per_trial > 1:
-        # The trial itself only drives a TorchTrainer: its workers hold the CPUs/GPUs.
-        return {"cpu": 0, "gpu": 0}
+        return {"cpu": DRIVER_CPU, "gpu": 0}
     return {"cpu": spec.resources.get("cpu", 1), "gpu": spec.resources.get("gpu", 0)}
 
 
@@ -69,7 +73,7 @@ def check_cluster_can_run(spec: SweepSpec, available: dict[str, float]) -> None:
     """A trial asking for more CPUs/GPUs than the whole cluster has would wait forever: refuse it now."""
     workers = max(1, spec.workers_per_trial)
     for kind, key in (("cpu", "CPU"), ("gpu", "GPU")):
-        need = float(spec.resources.get(kind, 0)) * workers
+        need = float(spec.resources.get(kind, 0)) * workers + (DRIVER_CPU if kind == "cpu" and workers > 1 else 0)
         have = float(available.get(key, 0))
         if need > have:
             raise UserError(f"one trial needs {need:g} {kind.upper()} but the Ray cluster has {have:g}",

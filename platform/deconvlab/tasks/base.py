@@ -49,6 +49,7 @@ class BaseTask(pl.LightningModule):
         self.val_metrics = self.build_metrics()
         self._samples_seen = 0
         self.rendered_samples: dict[str, np.ndarray] = {}
+        self.num_params = sum(p.numel() for p in model.parameters())
 
     # -- what subclasses provide -------------------------------------------------------------
     def build_metrics(self) -> MetricCollection:
@@ -90,6 +91,8 @@ class BaseTask(pl.LightningModule):
         values = self.val_metrics.compute()
         self.log_dict({f"val/{k}": v for k, v in self.flatten_metrics(values).items()},
                       prog_bar=True, sync_dist=True)
+        # Logged beside the metrics so leaderboards can compare models at equal parameter budgets.
+        self.log("model/num_params", float(self.num_params), sync_dist=False)
         self.val_metrics.reset()
 
     def _collect_samples(self, batch: dict[str, torch.Tensor], output: torch.Tensor, batch_idx: int) -> None:
@@ -117,7 +120,7 @@ class BaseTask(pl.LightningModule):
 
     def metric_names(self) -> set[str]:
         """Every metric this task logs: what sweeps may rank trials by."""
-        return {"train/loss", "train/loss_epoch", "train/loss_step", "val/loss",
+        return {"train/loss", "train/loss_epoch", "train/loss_step", "val/loss", "model/num_params",
                 *(f"val/{name}" for name in self.val_metric_names())}
 
     def input_of(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

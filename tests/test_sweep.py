@@ -1,0 +1,116 @@
+"""End-to-end sweeps on a local Ray cluster: parent/child runs, ASHA, leaderboard, DDP trials, errors."""
+
+import textwrap
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from deconvlab.errors import UserError
+from deconvlab.sweep.runner import run_sweep
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(ray_cluster, tmp_path_factory):
+    """The quickstart sweep with --smoke-test, run once for the tests of this module."""
+    root = tmp_path_factory.mktemp("sweep")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("DECONVLAB_ARTIFACT_ROOT", str(root / "mlartifacts"))
+        outcome = run_sweep("quickstart", smoke_test=True, storage_path=str(root / "ray"), quiet=True)
+    return outcome, MlflowClient(uri)
+
+
+def _children(client, outcome):
+    experiment = client.get_experiment_by_name(outcome.experiment_name)
+    return client.search_runs([experiment.experiment_id],
+                              f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'")
+
+
+def test_smoke_sweep_tracks_parent_and_finished_children(smoke_sweep):
+    outcome, client = smoke_sweep
+    parent = client.get_run(outcome.parent_run_id)
+    children = _children(client, outcome)
+    assert parent.info.status == "FINISHED"
+    assert len(children) == 4 == len(outcome.leaderboard)
+    assert all(c.info.status == "FINISHED" for c in children)
+    # Each child has the trial's params, per-epoch metrics, a checkpoint and sample images.
+    child = client.get_run(outcome.best_run_id)
+    assert child.data.params["experiment"] if "experiment" in child.data.params else True
+    assert "optim.lr" in child.data.params and "val/psnr" in child.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+    assert {"config.yaml", "checkpoints", "samples"} <= artifacts
+    assert parent.data.tags["deconvlab.best_run_id"] == outcome.best_run_id
+
+
+def test_asha_stops_some_trials_early_and_they_end_finished(smoke_sweep):
+    outcome, client = smoke_sweep
+    children = _children(client, outcome)
+    reasons = [c.data.tags["deconvlab.stop_reason"] for c in children]
+    early = [c for c, r in zip(children, reasons) if r.startswith("stopped early")]
+    assert early and all(c.info.status == "FINISHED" for c in early)
+    assert any(r == "completed" for r in reasons)
+    epochs = [len(client.get_metric_history(c.info.run_id, "val/psnr")) for c in early]
+    assert max(epochs) < 4
+
+
+def test_leaderboard_artifacts_and_ranking(smoke_sweep):
+    outcome, client = smoke_sweep
+    files = {a.path for a in client.list_artifacts(outcome.parent_run_id, "leaderboard")}
+    assert {"leaderboard/leaderboard.csv", "leaderboard/leaderboard.png", "leaderboard/curves.png"} <= files
+    scores = outcome.leaderboard["best val/psnr"].tolist()
+    assert scores == sorted(scores, reverse=True)
+    assert outcome.leaderboard.iloc[0]["trial"] == outcome.best_trial
+
+
+def test_two_worker_ddp_trial_reports_the_same_metric_keys(smoke_sweep, tmp_path, monkeypatch):
+    one_worker_outcome, one_client = smoke_sweep
+    one_keys = set(one_client.get_run(one_worker_outcome.best_run_id).data.metrics)
+    sweep = tmp_path / "ddp.yaml"
+    sweep.write_text(textwrap.dedent("""
+        experiment: quickstart
+        overrides: [trainer.max_epochs=2, trainer.limit_train_batches=3, data.samples_per_epoch=48,
+                    data.max_eval_size=48, +trainer.enable_progress_bar=false]
+        metric: val/psnr
+        mode: max
+        search_space:
+          optim.lr: choice([0.001])
+        num_samples: 1
+        resources: {cpu: 0.5, gpu: 0}
+        workers_per_trial: 2
+    """))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("DECONVLAB_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
+    outcome = run_sweep(str(sweep), storage_path=str(tmp_path / "ray"), quiet=True)
+    client = MlflowClient(uri)
+    (child,) = _children(client, outcome)
+    assert child.info.status == "FINISHED"
+    ddp_keys = set(child.data.metrics)
+    assert {k for k in one_keys if k.startswith(("val/", "train/", "best/"))} <= ddp_keys
+    assert len(client.get_metric_history(child.info.run_id, "val/psnr")) == 2
+
+
+def test_resources_the_cluster_cannot_satisfy_are_refused_before_any_run(ray_cluster, tmp_path, tracking_uri):
+    sweep = tmp_path / "huge.yaml"
+    sweep.write_text(textwrap.dedent("""
+        experiment: quickstart
+        metric: val/psnr
+        mode: max
+        search_space:
+          optim.lr: choice([0.001])
+        resources: {cpu: 1, gpu: 1}
+    """))
+    with pytest.raises(UserError, match="needs 1 GPU but the Ray cluster has 0"):
+        run_sweep(str(sweep), storage_path=str(tmp_path / "ray"), quiet=True)
+    client = MlflowClient(tracking_uri)
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])

@@ -1,0 +1,111 @@
+"""Sweep files: distributions, smoke-test variants, and errors caught before any trial starts."""
+
+import textwrap
+
+import pytest
+
+from deconvlab.errors import UserError
+from deconvlab.sweep.spec import Distribution, load_sweep, parse_distribution, validate
+
+
+@pytest.mark.parametrize("text, kind, args", [
+    ("choice([0.25, 0.5])", "choice", ([0.25, 0.5],)),
+    ("loguniform(1e-4, 1e-2)", "loguniform", (1e-4, 1e-2)),
+    ("uniform(0, 1)", "uniform", (0, 1)),
+    ("randint(3, 7)", "randint", (3, 7)),
+    ("grid(['a', 'b'])", "grid", (["a", "b"],)),
+    ("qloguniform(1e-4, 1e-1, 5e-5)", "qloguniform", (1e-4, 1e-1, 5e-5)),
+])
+def test_parse_distribution(text, kind, args):
+    assert parse_distribution("k", text) == Distribution(kind, args)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("gaussian(0, 1)", "unknown distribution 'gaussian'"),
+    ("loguniform(0, 1)", "positive bounds"),
+    ("uniform(2, 1)", "low < high"),
+    ("choice([])", "non-empty list"),
+    ("choice(1, 2", "not a distribution"),
+    ("uniform(a, b)", "cannot read the arguments"),
+    ("0.5", "not a distribution"),
+])
+def test_bad_distributions_name_the_key(text, message):
+    with pytest.raises(UserError, match=message) as info:
+        parse_distribution("optim.lr", text)
+    assert info.value.where == "search_space.optim.lr"
+
+
+def test_samplers_come_from_ray_tune():
+    from ray import tune
+
+    assert parse_distribution("k", "grid([1, 2])").to_tune() == tune.grid_search([1, 2])
+    sample = parse_distribution("k", "loguniform(1e-4, 1e-2)").to_tune().sample()
+    assert 1e-4 <= sample <= 1e-2
+
+
+def _write(tmp_path, body: str):
+    path = tmp_path / "mysweep.yaml"
+    path.write_text(textwrap.dedent(body))
+    return str(path)
+
+
+GOOD = """
+    experiment: quickstart
+    metric: val/psnr
+    mode: max
+    search_space:
+      optim.lr: loguniform(1e-4, 1e-2)
+      model.width: choice([8, 16])
+    num_samples: 5
+    smoke_test: {num_samples: 2, overrides: [debug=smoke]}
+"""
+
+
+def test_load_validate_and_smoke_variant(tmp_path):
+    spec = load_sweep(_write(tmp_path, GOOD))
+    validate(spec)
+    smoke = spec.with_smoke_test()
+    assert (spec.num_samples, smoke.num_samples) == (5, 2) and smoke.overrides[-1] == "debug=smoke"
+    overrides = spec.trial_overrides({"optim.lr": 0.001, "model.width": 8})
+    assert overrides == ["experiment=quickstart", "optim.lr=0.001", "model.width=8"]
+
+
+def test_every_shipped_sweep_is_valid_with_its_smoke_test():
+    from deconvlab.sweep.spec import sweeps_dir
+
+    names = sorted(p.stem for p in sweeps_dir().glob("*.yaml"))
+    assert "quickstart" in names
+    for name in names:
+        spec = load_sweep(name)
+        validate(spec.with_smoke_test())
+
+
+@pytest.mark.parametrize("body, message", [
+    ("experiment: quickstart\nmetric: [unclosed\n", "malformed YAML"),
+    ("- a\n- b\n", "must be a mapping"),
+    ("experiment: quickstart\nmetric: val/psnr\nmode: max\n", "missing key"),
+    (GOOD + "    colour: blue\n", "unknown key"),
+    (GOOD.replace("mode: max", "mode: best"), "mode must be min or max"),
+    (GOOD + "    scheduler: {type: hyperband}\n", "unknown scheduler"),
+    (GOOD.replace("optim.lr: loguniform", "optim.lr: lognormal"), "unknown distribution"),
+])
+def test_malformed_sweep_files(tmp_path, body, message):
+    with pytest.raises(UserError, match=message):
+        load_sweep(_write(tmp_path, body))
+
+
+@pytest.mark.parametrize("change, message", [
+    (("optim.lr:", "optim.lrr:"), "search key 'optim.lrr' is not in the config"),
+    (("metric: val/psnr", "metric: val/accuracy"), "metric 'val/accuracy' is never reported"),
+    (("model.width: choice([8, 16])", "model.width: choice(['wide'])"), "wrong type"),
+])
+def test_sweep_that_cannot_run_is_refused_before_trials(tmp_path, change, message):
+    spec = load_sweep(_write(tmp_path, GOOD.replace(*change)))
+    with pytest.raises(UserError, match=message):
+        validate(spec)
+
+
+def test_unknown_sweep_name_lists_the_known_ones():
+    with pytest.raises(UserError, match="unknown sweep") as info:
+        load_sweep("no_such_sweep")
+    assert "quickstart" in info.value.fix
