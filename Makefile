@@ -16,7 +16,7 @@ $(BIN)/deconvlab: pyproject.toml
 	touch $(BIN)/deconvlab
 
 quickstart: install
-	$(BIN)/deconvlab train experiment=quickstart
+	$(BIN)/deconvlab sweep quickstart
 
 test: install
 	$(BIN)/python -m pytest -q

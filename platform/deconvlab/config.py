@@ -11,7 +11,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from deconvlab.errors import UserError
 
@@ -110,4 +110,7 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     group_overrides = [o for o in overrides if (_split_override(o) or ("", ""))[0] in config_groups()]
     base = _compose(group_overrides) if len(group_overrides) < len(overrides) else cfg
     _check_override_types(cfg, base, overrides)
+    # Recorded so a run (and a promoted model) can be recomposed, e.g. with another data split.
+    with open_dict(cfg):
+        cfg.overrides = overrides
     return cfg

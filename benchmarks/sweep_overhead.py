@@ -1,0 +1,109 @@
+"""What a sweep costs on top of running the same trials by hand, and what ASHA saves over FIFO.
+
+Side by side in one run (absolute seconds are noisy on a shared machine; the ratios are the result):
+1. the same N short quickstart trials run back-to-back in this process (one thread each), then as a
+   sweep with 2 concurrent one-CPU trials: per-trial overhead and parallel efficiency;
+2. one grid of configurations under FIFO and under ASHA: epochs of compute each spends, and whether
+   ASHA's best trial reaches FIFO's best metric within a tolerance.
+
+    python benchmarks/sweep_overhead.py [--trials 8] [--epochs 2] [--asha-epochs 6] [--smoke-test]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+TINY = ["data.samples_per_epoch=64", "data.max_eval_size=64", "+trainer.enable_progress_bar=false"]
+
+
+def lr_grid(n: int) -> list[float]:
+    return [round(3e-4 * (15 ** (i / max(n - 1, 1))), 6) for i in range(n)]
+
+
+def write_sweep(folder: Path, name: str, lrs: list[float], epochs: int, scheduler: dict, widths=(32,)) -> str:
+    spec = {
+        "experiment": "quickstart", "metric": "val/psnr", "mode": "max",
+        "overrides": [f"trainer.max_epochs={epochs}", *TINY],
+        "search_space": {"optim.lr": f"grid({lrs})", "model.width": f"grid({list(widths)})"},
+        "scheduler": scheduler, "num_samples": 1, "max_concurrent_trials": 2, "resources": {"cpu": 1},
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def sequential(lrs: list[float], epochs: int) -> float:
+    import torch
+
+    from deconvlab.config import compose_config
+    from deconvlab.train import train
+
+    torch.set_num_threads(1)  # a sweep trial with cpu: 1 gets one thread too
+    start = time.perf_counter()
+    for lr in lrs:
+        train(compose_config(["experiment=quickstart", f"trainer.max_epochs={epochs}", *TINY, f"optim.lr={lr}",
+                              "logger=none"]))
+    return time.perf_counter() - start
+
+
+def timed_sweep(path: str, storage: Path):
+    from deconvlab.sweep.runner import run_sweep
+
+    start = time.perf_counter()
+    outcome = run_sweep(path, storage_path=str(storage), quiet=True)
+    return time.perf_counter() - start, outcome
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--asha-epochs", type=int, default=6)
+    parser.add_argument("--tolerance", type=float, default=0.05, help="dB of PSNR")
+    parser.add_argument("--smoke-test", action="store_true")
+    args = parser.parse_args()
+    if args.smoke_test:
+        args.trials, args.epochs, args.asha_epochs = 2, 1, 2
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
+        os.environ["DECONVLAB_ARTIFACT_ROOT"] = str(folder / "mlartifacts")
+        lrs = lr_grid(args.trials)
+        t_seq = sequential(lrs, args.epochs)
+        t_sweep, _ = timed_sweep(write_sweep(folder, "overhead", lrs, args.epochs, {"type": "fifo"}), folder / "r1")
+        concurrency = 2
+        overhead = (t_sweep * concurrency - t_seq) / args.trials
+        efficiency = t_seq / (t_sweep * concurrency)
+        print(f"{args.trials} trials x {args.epochs} epochs: back-to-back {t_seq:.1f} s, "
+              f"sweep with {concurrency} concurrent {t_sweep:.1f} s")
+        print(f"per-trial overhead {overhead:.2f} s (goal <= 2 s); parallel efficiency {efficiency:.0%} "
+              f"(goal >= 80 %); speed-up {t_seq / t_sweep:.2f}x on {concurrency} cores")
+
+        grid = lr_grid(4)
+        results = {}
+        for kind, scheduler in (("fifo", {"type": "fifo"}),
+                                ("asha", {"type": "asha", "grace_period": 1, "reduction_factor": 2})):
+            _, outcome = timed_sweep(write_sweep(folder, kind, grid, args.asha_epochs, scheduler, (16, 32)),
+                                     folder / f"r-{kind}")
+            table = outcome.leaderboard
+            results[kind] = (int(table["epochs"].sum()), float(table["best val/psnr"].max()))
+        (fifo_epochs, fifo_best), (asha_epochs, asha_best) = results["fifo"], results["asha"]
+        reached = asha_best >= fifo_best - args.tolerance
+        print(f"ASHA vs FIFO over {len(grid) * 2} configs x {args.asha_epochs} epochs: FIFO {fifo_epochs} epochs "
+              f"(best {fifo_best:.3f} dB), ASHA {asha_epochs} epochs (best {asha_best:.3f} dB): "
+              f"ASHA used {asha_epochs / fifo_epochs:.0%} of FIFO's compute (goal <= 40 %), "
+              f"{'reached' if reached else 'missed'} FIFO's best within {args.tolerance} dB")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
