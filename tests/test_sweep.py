@@ -45,11 +45,11 @@ def test_smoke_sweep_tracks_parent_and_finished_children(smoke_sweep):
     assert all(c.info.status == "FINISHED" for c in children)
     # Each child has the trial's params, per-epoch metrics, a checkpoint and sample images.
     child = client.get_run(outcome.best_run_id)
-    assert child.data.params["experiment"] if "experiment" in child.data.params else True
     assert "optim.lr" in child.data.params and "val/psnr" in child.data.metrics
     artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
     assert {"config.yaml", "checkpoints", "samples"} <= artifacts
     assert parent.data.tags["deconvlab.best_run_id"] == outcome.best_run_id
+    assert {"epochs", "params", "best val/psnr", "optim.lr"} <= set(outcome.leaderboard.columns)
 
 
 def test_asha_stops_some_trials_early_and_they_end_finished(smoke_sweep):

@@ -122,6 +122,23 @@ def save_images(images: Mapping[str, np.ndarray], folder: Path) -> None:
         Image.fromarray(image).save(folder / f"{name}.png")
 
 
+def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, with one line, when a tracking server does not answer (MLflow itself retries for minutes)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    from deconvlab.errors import UserError
+
+    try:
+        urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_s).close()
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserError(f"MLflow tracking server {tracking_uri} is unreachable ({reason})", "MLFLOW_TRACKING_URI",
+                        "start the server (see infra/mlflow/README.md) or unset MLFLOW_TRACKING_URI") from None
+
+
 def status_for(exc: BaseException | None) -> str:
     """MLflow run status for how a run ended: FINISHED, KILLED (interrupted) or FAILED."""
     if exc is None:
@@ -131,16 +148,19 @@ def status_for(exc: BaseException | None) -> str:
 
 @contextlib.contextmanager
 def tracked_run(experiment: str, run_name: str, tracking_uri: str, tags: Mapping[str, str] | None = None,
-                artifact_root: str | None = None) -> Iterator[tuple[MlflowClient, str]]:
-    """Open an MLflow run and always close it: FINISHED, FAILED (with the error as a tag) or KILLED.
+                artifact_root: str | None = None, run_id: str | None = None) -> Iterator[tuple[MlflowClient, str]]:
+    """Open an MLflow run (or reopen ``run_id``) and always close it: FINISHED, FAILED (with the error
+    as a tag) or KILLED.
 
     Yields:
         ``(client, run_id)``.
     """
     client = MlflowClient(tracking_uri)
-    experiment_id = get_or_create_experiment(experiment, tracking_uri, artifact_root)
-    run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
-    run_id = run.info.run_id
+    if run_id is None:
+        experiment_id = get_or_create_experiment(experiment, tracking_uri, artifact_root)
+        run_id = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {})).info.run_id
+    else:
+        client.update_run(run_id, status="RUNNING")
     try:
         yield client, run_id
     except BaseException as exc:

@@ -1,31 +1,33 @@
-"""The sweep's leaderboard: one row per trial, ranked by the sweep's metric, rendered for humans."""
+"""The sweep's leaderboard, read back from MLflow: one row per trial, ranked by the sweep's metric."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from deconvlab.sweep.tracking import EPOCHS_TAG, STOP_REASON_TAG, TRIAL_TAG, child_runs
 
 
-def build_leaderboard(results, callback, metric: str, mode: str) -> pd.DataFrame:
-    """Rows of (rank, trial, status, epochs, best metric, sampled hyperparameters, MLflow run).
+def _status(run) -> str:
+    reason = run.data.tags.get(STOP_REASON_TAG, "")
+    return "early stopped" if reason.startswith("stopped early") else run.info.status.lower()
 
-    Args:
-        results: Tune's ResultGrid.
-        callback: the sweep's :class:`~deconvlab.sweep.tracking.MLflowSweepCallback` (best values, runs).
-        metric, mode: the ranking.
-    """
+
+def build_leaderboard(client: MlflowClient, experiment_id: str, parent_run_id: str, metric: str,
+                      mode: str) -> pd.DataFrame:
+    """Rows of (rank, trial, status, epochs, best metric, cost, sampled hyperparameters, MLflow run)."""
     rows = []
-    for result in results:
-        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
-        best = callback.best.get(trial_id)
+    for run in child_runs(client, experiment_id, parent_run_id):
         rows.append({
-            "trial": trial_id,
-            "status": callback.outcome.get(trial_id, "ERROR" if result.error else "TERMINATED"),
-            "epochs": callback.last_epoch.get(trial_id, 0),
-            f"best {metric}": best[0] if best else float("nan"),
-            **dict(result.config or {}),
-            "mlflow_run": callback.run_ids.get(trial_id, ""),
+            "trial": run.data.tags.get(TRIAL_TAG, ""),
+            "status": _status(run),
+            "epochs": int(run.data.tags.get(EPOCHS_TAG, 0)),
+            f"best {metric}": run.data.metrics.get(f"best/{metric}", float("nan")),
+            "params": int(run.data.metrics.get("model/num_params", 0)),
+            **{k.removeprefix("sampled."): v for k, v in sorted(run.data.params.items()) if k.startswith("sampled.")},
+            "mlflow_run": run.info.run_id,
         })
     table = pd.DataFrame(rows)
     if table.empty:
@@ -33,6 +35,12 @@ def build_leaderboard(results, callback, metric: str, mode: str) -> pd.DataFrame
     table = table.sort_values(f"best {metric}", ascending=(mode == "min"), na_position="last")
     table.insert(0, "rank", range(1, len(table) + 1))
     return table.reset_index(drop=True)
+
+
+def metric_histories(client: MlflowClient, table: pd.DataFrame, metric: str) -> dict[str, list[tuple[int, float]]]:
+    """(epoch, value) of ``metric`` for every trial of the leaderboard."""
+    return {row.trial: [(m.step, m.value) for m in client.get_metric_history(row.mlflow_run, metric)]
+            for row in table.itertuples()}
 
 
 def render_png(table: pd.DataFrame, path: Path, title: str) -> None:
@@ -56,7 +64,7 @@ def render_png(table: pd.DataFrame, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def render_curves(histories: dict[str, pd.DataFrame], metric: str, path: Path) -> None:
+def render_curves(histories: dict[str, list[tuple[int, float]]], metric: str, path: Path) -> None:
     """``metric`` against epoch for every trial in one plot."""
     import matplotlib
 
@@ -64,9 +72,10 @@ def render_curves(histories: dict[str, pd.DataFrame], metric: str, path: Path) -
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for trial_id, history in histories.items():
-        if metric in history and "epoch" in history:
-            ax.plot(history["epoch"], history[metric], marker="o", label=trial_id)
+    for trial_id, points in histories.items():
+        if points:
+            epochs, values = zip(*sorted(points))
+            ax.plot(epochs, values, marker="o", label=trial_id)
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)

@@ -1,4 +1,4 @@
-"""``run_sweep``: a sweep file -> a Ray Tune Tuner, a parent MLflow run, a leaderboard."""
+"""``run_sweep``: a sweep file -> a Ray Tune Tuner, a parent MLflow run, a leaderboard; ``--resume``."""
 
 from __future__ import annotations
 
@@ -16,10 +16,14 @@ from deconvlab.config import compose_config
 from deconvlab.errors import UserError
 from deconvlab.sweep import leaderboard as lb
 from deconvlab.sweep.spec import SweepSpec, load_sweep, validate
-from deconvlab.sweep.tracking import MLflowSweepCallback
-from deconvlab.sweep.trial import run_trial, trial_config
+from deconvlab.sweep.tracking import MLflowSweepCallback, close_open_children
+from deconvlab.sweep.trial import run_trial
 
 DEFAULT_STORAGE = "ray_results"
+RAY_PATH_TAG = "deconvlab.ray_experiment_path"
+# A multi-worker trial only drives a TorchTrainer whose workers hold the CPUs/GPUs; Ray refuses a
+# request of nothing at all, so the driver asks for a sliver of one CPU.
+DRIVER_CPU = 0.01
 
 
 @dataclass
@@ -28,6 +32,7 @@ class SweepOutcome:
 
     parent_run_id: str
     experiment_name: str
+    experiment_path: str
     leaderboard: pd.DataFrame
     best_trial: str | None
     best_run_id: str | None
@@ -54,13 +59,7 @@ def _searcher(spec: SweepSpec):
                         "use choice(...) with optuna, or search: {type: grid}")
     from ray.tune.search.optuna import OptunaSearch
 
-    options = {k: v for k, v in spec.search.items() if k != "type"}
-    return OptunaSearch(**options)
-
-
-# A multi-worker trial only drives a TorchTrainer whose workers hold the CPUs/GPUs; Ray refuses a
-# request of nothing at all, so the driver asks for a sliver of one CPU.
-DRIVER_CPU = 0.01
+    return OptunaSearch(**{k: v for k, v in spec.search.items() if k != "type"})
 
 
 def _trial_resources(spec: SweepSpec) -> dict[str, float]:
@@ -88,14 +87,33 @@ def init_ray(address: str | None) -> dict[str, float]:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
         try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=True, configure_logging=False)
-        except ConnectionError as exc:
-            raise UserError(f"cannot reach a Ray cluster at {address!r}: {exc}", "--address",
+            ray.init(address=address, include_dashboard=False, configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise UserError(f"cannot reach a Ray cluster at {address!r}: {str(exc).splitlines()[0]}", "--address",
                             "start one (ray start --head) or leave --address out for a local cluster") from None
     return ray.cluster_resources()
 
 
-def _log_parent(client, run_id: str, spec: SweepSpec, overrides: Sequence[str]) -> None:
+def resolve_storage(storage_path: str | None) -> str:
+    """Ray's storage_path: an absolute local folder, or a URI (s3://, gs://, ...) kept as given."""
+    storage = storage_path or os.environ.get("DECONVLAB_RAY_STORAGE", DEFAULT_STORAGE)
+    return storage if "://" in storage else str(Path(storage).resolve())
+
+
+def latest_experiment(storage: str, spec: SweepSpec) -> str:
+    """The newest restorable Ray experiment of this sweep under ``storage`` (for --resume)."""
+    from ray import tune
+
+    candidates = sorted(Path(storage).glob(f"{spec.name}-*"), key=lambda p: p.name, reverse=True) \
+        if "://" not in storage else []
+    for path in candidates:
+        if tune.Tuner.can_restore(str(path)):
+            return str(path)
+    raise UserError(f"no interrupted run of sweep {spec.name!r} to resume", storage,
+                    "run it without --resume, or pass the --storage it ran with")
+
+
+def _log_parent(client, run_id: str, spec: SweepSpec, overrides: Sequence[str], path: str) -> None:
     params = {"sweep.name": spec.name, "sweep.experiment": spec.experiment, "sweep.metric": spec.metric,
               "sweep.mode": spec.mode, "sweep.num_samples": str(spec.num_samples),
               "sweep.workers_per_trial": str(spec.workers_per_trial), "sweep.overrides": " ".join(overrides),
@@ -104,19 +122,23 @@ def _log_parent(client, run_id: str, spec: SweepSpec, overrides: Sequence[str]) 
               **{f"sweep.resources.{k}": str(v) for k, v in spec.resources.items()},
               **{f"search_space.{k}": f"{d.kind}{tuple(d.args)}" for k, d in spec.search_space.items()}}
     tracking.log_params(client, run_id, params)
+    client.set_tag(run_id, RAY_PATH_TAG, path)
     client.log_artifact(run_id, spec.path, "sweep")
 
 
-def _log_leaderboard(client, run_id: str, table: pd.DataFrame, results, spec: SweepSpec) -> None:
+def _log_leaderboard(client, run_id: str, table: pd.DataFrame, spec: SweepSpec) -> None:
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder)
         table.to_csv(out / "leaderboard.csv", index=False)
         table.to_html(out / "leaderboard.html", index=False, float_format=lambda v: f"{v:.4g}")
         lb.render_png(table, out / "leaderboard.png", f"{spec.name}: {spec.metric} ({spec.mode})")
-        histories = {r.metrics["trial_id"]: r.metrics_dataframe for r in results
-                     if r.metrics and r.metrics_dataframe is not None}
-        lb.render_curves(histories, spec.metric, out / "curves.png")
+        lb.render_curves(lb.metric_histories(client, table, spec.metric), spec.metric, out / "curves.png")
         client.log_artifacts(run_id, folder, "leaderboard")
+    if len(table):
+        best = table.iloc[0]
+        client.set_tag(run_id, "deconvlab.best_trial", best["trial"])
+        client.set_tag(run_id, "deconvlab.best_run_id", best["mlflow_run"])
+        client.log_metric(run_id, f"best/{spec.metric}", float(best[f"best {spec.metric}"]))
 
 
 def _print_leaderboard(table: pd.DataFrame, spec: SweepSpec, tracking_uri: str) -> None:
@@ -133,8 +155,39 @@ def _print_leaderboard(table: pd.DataFrame, spec: SweepSpec, tracking_uri: str) 
     console.print(f"compare runs in the MLflow UI: deconvlab ui   (store: {tracking_uri})")
 
 
+def _find_parent(client, experiment: str, path: str) -> str:
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], f"tags.`{RAY_PATH_TAG}` = '{path}'") if found else []
+    if not runs:
+        raise UserError(f"no MLflow parent run for the Ray experiment {path}", "MLFLOW_TRACKING_URI",
+                        "resume against the tracking store the sweep started with")
+    return runs[0].info.run_id
+
+
+def _build_tuner(spec, trainable, storage, run_name, callback, scheduler, searcher, quiet, restore_path):
+    from ray import tune
+
+    param_space = {k: d.to_tune() for k, d in spec.search_space.items()}
+    if restore_path:
+        return tune.Tuner.restore(restore_path, trainable, resume_unfinished=True, resume_errored=True,
+                                  param_space=param_space)
+    return tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler, search_alg=searcher,
+                                    num_samples=spec.num_samples,
+                                    max_concurrent_trials=spec.max_concurrent_trials or None,
+                                    # A fresh actor per trial re-imports torch and Lightning (seconds each).
+                                    reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=run_name, storage_path=storage, callbacks=[callback], verbose=0 if quiet else 1,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=spec.metric,
+                                                    checkpoint_score_order=spec.mode),
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures)))
+
+
 def run_sweep(name_or_path: str, overrides: Sequence[str] = (), address: str | None = None,
-              smoke_test: bool = False, storage_path: str | None = None, quiet: bool = False) -> SweepOutcome:
+              smoke_test: bool = False, storage_path: str | None = None, quiet: bool = False,
+              resume: bool = False) -> SweepOutcome:
     """Run a sweep end to end: validate, start Ray, run the trials, log parent/child runs and the leaderboard.
 
     Args:
@@ -143,10 +196,11 @@ def run_sweep(name_or_path: str, overrides: Sequence[str] = (), address: str | N
         address: a Ray cluster address (``auto``, ``HOST:PORT``) or None for a local cluster.
         smoke_test: apply the sweep's ``smoke_test`` block (tiny data, few trials).
         storage_path: where Ray keeps trial checkpoints and experiment state (shared storage on a cluster).
-        quiet: no leaderboard on the terminal.
+        quiet: no progress output or leaderboard on the terminal.
+        resume: continue the newest interrupted run of this sweep (same storage and tracking store).
 
     Raises:
-        UserError: anything wrong with the sweep file or the cluster, before any trial starts.
+        UserError: anything wrong with the sweep file, the cluster or the tracking store, before any trial.
     """
     from ray import tune
 
@@ -155,45 +209,40 @@ def run_sweep(name_or_path: str, overrides: Sequence[str] = (), address: str | N
     overrides = list(overrides)
     validate(spec, overrides)
     base = compose_config([*spec.trial_overrides({}), *overrides])
+    uri = tracking.resolve_tracking_uri(base.logger.get("tracking_uri"))
+    tracking.check_reachable(uri)
     scheduler, searcher = _scheduler(spec, int(base.trainer.max_epochs)), _searcher(spec)
     check_cluster_can_run(spec, init_ray(address))
-    storage = str(Path(storage_path or os.environ.get("DECONVLAB_RAY_STORAGE", DEFAULT_STORAGE)).resolve()) \
-        if "://" not in str(storage_path or "") else storage_path
-    uri = tracking.resolve_tracking_uri(base.logger.get("tracking_uri"))
+    storage = resolve_storage(storage_path)
     experiment = f"sweep-{spec.name}"
-    run_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    with tracking.tracked_run(experiment, run_name, uri, {"deconvlab.sweep": spec.name, "deconvlab.role": "parent"},
-                              base.logger.get("artifact_root")) as (client, parent_id):
-        _log_parent(client, parent_id, spec, overrides)
+    restore_path = latest_experiment(storage, spec) if resume else None
+    run_name = Path(restore_path).name if restore_path else f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = restore_path or f"{storage}/{run_name}"
+    parent_id = _find_parent(tracking.MlflowClient(uri), experiment, path) if restore_path else None
+    tags = {"deconvlab.sweep": spec.name, "deconvlab.role": "parent"}
+    with tracking.tracked_run(experiment, run_name, uri, tags, base.logger.get("artifact_root"),
+                              run_id=parent_id) as (client, parent_id):
+        experiment_id = client.get_run(parent_id).info.experiment_id
+        if not restore_path:
+            _log_parent(client, parent_id, spec, overrides, path)
         sweep_dict = spec.to_dict()
-        callback = MLflowSweepCallback(
-            client, client.get_run(parent_id).info.experiment_id, parent_id, spec.name, spec.metric, spec.mode,
-            int(base.trainer.max_epochs),
-            lambda trial: trial_config(sweep_dict, trial.config, f"trials/{trial.trial_id}", overrides))
+        callback = MLflowSweepCallback(uri, experiment_id, parent_id, sweep_dict, overrides,
+                                       int(base.trainer.max_epochs))
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, sweep=sweep_dict, extra_overrides=overrides, storage_path=storage),
             _trial_resources(spec))
-        tuner = tune.Tuner(
-            trainable,
-            param_space={k: d.to_tune() for k, d in spec.search_space.items()},
-            tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler,
-                                        search_alg=searcher, num_samples=spec.num_samples,
-                                        max_concurrent_trials=spec.max_concurrent_trials or None),
-            run_config=tune.RunConfig(
-                name=run_name, storage_path=storage, callbacks=[callback], verbose=0 if quiet else 1,
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=spec.metric,
-                                                        checkpoint_score_order=spec.mode),
-                failure_config=tune.FailureConfig(max_failures=spec.max_failures)),
-        )
-        results = tuner.fit()
-        table = lb.build_leaderboard(results, callback, spec.metric, spec.mode)
-        _log_leaderboard(client, parent_id, table, results, spec)
-        best_trial = table.iloc[0]["trial"] if len(table) else None
-        best_run = table.iloc[0]["mlflow_run"] if len(table) else None
-        if best_trial is not None:
-            client.set_tag(parent_id, "deconvlab.best_trial", best_trial)
-            client.set_tag(parent_id, "deconvlab.best_run_id", best_run)
-            client.log_metric(parent_id, f"best/{spec.metric}", float(table.iloc[0][f"best {spec.metric}"]))
+        try:
+            _build_tuner(spec, trainable, storage, run_name, callback, scheduler, searcher, quiet,
+                         restore_path).fit()
+        except BaseException as exc:
+            close_open_children(client, experiment_id, parent_id, tracking.status_for(exc))
+            raise
+        # Trials Ray gave up on (e.g. a lost node past max_failures) must not stay RUNNING.
+        close_open_children(client, experiment_id, parent_id, "FAILED")
+        table = lb.build_leaderboard(client, experiment_id, parent_id, spec.metric, spec.mode)
+        _log_leaderboard(client, parent_id, table, spec)
     if not quiet:
         _print_leaderboard(table, spec, uri)
-    return SweepOutcome(parent_id, experiment, table, best_trial, best_run)
+    best = table.iloc[0] if len(table) else None
+    return SweepOutcome(parent_id, experiment, path, table, None if best is None else best["trial"],
+                        None if best is None else best["mlflow_run"])

@@ -1,8 +1,10 @@
-"""Driver-side MLflow logging of a sweep: one parent run, one child run per trial, a leaderboard.
+"""Driver-side MLflow logging of a sweep: one parent run, one child run per trial.
 
-Everything is written from the driver process, so concurrent trials never contend for a SQLite file
-and trials on other nodes are tracked as long as their checkpoints reach the sweep's storage.
-Trials stopped early by a scheduler (ASHA) end FINISHED with a ``deconvlab.stop_reason`` tag.
+Everything is written from the driver process, so concurrent trials never contend for a SQLite file,
+and trials on other nodes are tracked as long as their results and checkpoints reach the driver
+(Ray's storage). Trials stopped early by a scheduler (ASHA) end FINISHED with a
+``deconvlab.stop_reason`` tag. The callback is pickled into Ray's experiment state; after a restore
+it finds its child runs again by tag, so a resumed sweep never duplicates them.
 """
 
 from __future__ import annotations
@@ -10,71 +12,106 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from deconvlab import tracking
-from deconvlab.sweep.trial import CHECKPOINT_FILE, EPOCH_KEY, SAMPLES_DIR
+from deconvlab.sweep.trial import CHECKPOINT_FILE, EPOCH_KEY, SAMPLES_DIR, trial_config
 
-CHILD_TAG = "deconvlab.trial_id"
+TRIAL_TAG = "deconvlab.trial_id"
 STOP_REASON_TAG = "deconvlab.stop_reason"
+EPOCHS_TAG = "deconvlab.epochs"
+# Tune's bookkeeping in a result, not the trial's own numbers.
+_TUNE_KEYS = {"timestamp", "time_this_iter_s", "time_total_s", "pid", "training_iteration", "time_since_restore",
+              "iterations_since_restore", "done", "checkpoint_dir_name"}
 
 
 def _numeric(result: dict[str, Any]) -> dict[str, float]:
-    """The metrics of a Tune result worth logging: the trial's own numbers, not Tune's bookkeeping."""
-    skip = {"timestamp", "time_this_iter_s", "time_total_s", "pid", "training_iteration", "time_since_restore",
-            "iterations_since_restore", "done"}
     return {k: float(v) for k, v in result.items()
-            if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+            if k not in _TUNE_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str, status: str | None = None) -> list:
+    """The trial runs of a sweep's parent run (optionally only those with ``status``)."""
+    query = f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    if status:
+        query += f" and attributes.status = '{status}'"
+    return client.search_runs([experiment_id], query, max_results=10_000)
+
+
+def close_open_children(client: MlflowClient, experiment_id: str, parent_run_id: str, status: str) -> None:
+    """End every child run still RUNNING (the sweep was interrupted): none is left RUNNING."""
+    for run in child_runs(client, experiment_id, parent_run_id, "RUNNING"):
+        client.set_tag(run.info.run_id, STOP_REASON_TAG, f"sweep ended {status.lower()} while the trial ran")
+        client.set_terminated(run.info.run_id, status)
 
 
 class MLflowSweepCallback(Callback):
     """Creates and fills the child run of every trial under ``parent_run_id``.
 
     Args:
-        client: MLflow client of the tracking store.
+        tracking_uri: the MLflow store.
         experiment_id: experiment holding the parent run.
         parent_run_id: the sweep's parent run.
-        sweep_name: used in run names.
-        metric, mode: the sweep's ranking metric (picks each trial's best checkpoint).
+        sweep: the sweep spec as a dict (to compose each trial's config for its params).
+        overrides: extra overrides given on the command line.
         max_epochs: a trial that stops before this was stopped early by the scheduler.
-        trial_config: ``(trial) -> composed DictConfig`` of that trial, for its params and config.yaml.
     """
 
-    def __init__(self, client: MlflowClient, experiment_id: str, parent_run_id: str, sweep_name: str,
-                 metric: str, mode: str, max_epochs: int, trial_config: Callable[[Any], Any]) -> None:
-        self.client, self.experiment_id, self.parent_run_id = client, experiment_id, parent_run_id
-        self.sweep_name, self.metric, self.mode, self.max_epochs = sweep_name, metric, mode, max_epochs
-        self.trial_config = trial_config
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep: dict[str, Any],
+                 overrides: list[str], max_epochs: int) -> None:
+        self.tracking_uri, self.experiment_id, self.parent_run_id = tracking_uri, experiment_id, parent_run_id
+        self.sweep, self.overrides, self.max_epochs = sweep, list(overrides), max_epochs
+        self.metric, self.mode = sweep["metric"], sweep["mode"]
+        self._client: MlflowClient | None = None
         self.run_ids: dict[str, str] = {}
         self.best: dict[str, tuple[float, str | None]] = {}
         self.last_epoch: dict[str, int] = {}
         self.latest_is_best: dict[str, bool] = {}
-        self.outcome: dict[str, str] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Ray pickles callbacks into its experiment state; a client with open connections does not pickle.
+        return {**self.__dict__, "_client": None}
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
+
+    def _is_better(self, value: float, than: float | None) -> bool:
+        return than is None or (value > than if self.mode == "max" else value < than)
 
     def _run_for(self, trial) -> str:
-        if trial.trial_id in self.run_ids:
-            return self.run_ids[trial.trial_id]
-        existing = self.client.search_runs(
-            [self.experiment_id],
-            f"tags.mlflow.parentRunId = '{self.parent_run_id}' and tags.{CHILD_TAG} = '{trial.trial_id}'")
-        if existing:  # a resumed sweep continues the trial's child run instead of duplicating it
-            run_id = existing[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
-        else:
-            run_id = self._create_child(trial)
-        self.run_ids[trial.trial_id] = run_id
-        return run_id
+        if trial.trial_id not in self.run_ids:
+            existing = self.client.search_runs(
+                [self.experiment_id],
+                f"tags.mlflow.parentRunId = '{self.parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial.trial_id}'")
+            if existing:  # a resumed sweep continues the trial's child run
+                self.run_ids[trial.trial_id] = existing[0].info.run_id
+                self._recall(trial.trial_id, existing[0].info.run_id)
+            else:
+                self.run_ids[trial.trial_id] = self._create_child(trial)
+        return self.run_ids[trial.trial_id]
+
+    def _recall(self, trial_id: str, run_id: str) -> None:
+        self.client.update_run(run_id, status="RUNNING")
+        history = self.client.get_metric_history(run_id, self.metric)
+        for point in history:
+            if self._is_better(point.value, self.best.get(trial_id, (None,))[0]):
+                self.best[trial_id] = (point.value, None)
+        self.last_epoch[trial_id] = max((p.step for p in history), default=0)
 
     def _create_child(self, trial) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=f"{self.sweep_name}-{trial.trial_id}",
-                                     tags={"mlflow.parentRunId": self.parent_run_id, CHILD_TAG: trial.trial_id,
-                                           "deconvlab.sweep": self.sweep_name})
+        run = self.client.create_run(self.experiment_id, run_name=f"{self.sweep['name']}-{trial.trial_id}",
+                                     tags={"mlflow.parentRunId": self.parent_run_id, TRIAL_TAG: trial.trial_id,
+                                           "deconvlab.sweep": self.sweep["name"]})
         run_id = run.info.run_id
-        tracking.log_config(self.client, run_id, self.trial_config(trial))
+        cfg = trial_config(self.sweep, trial.config, f"trials/{trial.trial_id}", self.overrides)
+        tracking.log_config(self.client, run_id, cfg)
         tracking.log_params(self.client, run_id, {f"sampled.{k}": str(v) for k, v in trial.config.items()})
         return run_id
 
@@ -88,9 +125,8 @@ class MLflowSweepCallback(Callback):
         self.client.log_batch(run_id, metrics=[Metric(k, v, now, epoch) for k, v in _numeric(result).items()])
         self.last_epoch[trial.trial_id] = epoch
         value = result.get(self.metric)
-        best = self.best.get(trial.trial_id)
-        improved = isinstance(value, (int, float)) and math.isfinite(value) and (
-            best is None or (value > best[0] if self.mode == "max" else value < best[0]))
+        improved = isinstance(value, (int, float)) and math.isfinite(value) and \
+            self._is_better(float(value), self.best.get(trial.trial_id, (None,))[0])
         self.latest_is_best[trial.trial_id] = improved
         if improved:
             # Multi-worker trials report their checkpoint's path in the result; others via on_checkpoint.
@@ -109,22 +145,26 @@ class MLflowSweepCallback(Callback):
         best = self.best.get(trial.trial_id)
         if best is not None:
             self.client.log_metric(run_id, f"best/{self.metric}", best[0])
-            checkpoint = Path(best[1]) / CHECKPOINT_FILE if best[1] else None
-            if checkpoint is not None and checkpoint.is_file():
-                self.client.log_artifact(run_id, str(checkpoint), "checkpoints")
+            folder = best[1] or (trial.checkpoint.path if trial.checkpoint else None)
+            if folder and (Path(folder) / CHECKPOINT_FILE).is_file():
+                self.client.log_artifact(run_id, str(Path(folder) / CHECKPOINT_FILE), "checkpoints")
+        self.client.set_tag(run_id, EPOCHS_TAG, str(self.last_epoch.get(trial.trial_id, 0)))
         self.client.set_tag(run_id, STOP_REASON_TAG, reason)
         self.client.set_terminated(run_id, status)
-        self.outcome[trial.trial_id] = "early stopped" if reason.startswith("stopped early") else status.lower()
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         epochs = self.last_epoch.get(trial.trial_id, 0)
         reason = "completed" if epochs >= self.max_epochs else f"stopped early by the scheduler after epoch {epochs}"
         self._finish(trial, "FINISHED", reason)
 
+    def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
+        self.client.set_tag(self._run_for(trial), "deconvlab.recovered", f"restarted from a checkpoint at {time.ctime()}")
+
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         error = _trial_error(trial)
         self.client.set_tag(self._run_for(trial), "error", error[:5000])
-        self._finish(trial, "FAILED", f"failed: {error.strip().splitlines()[-1][:200] if error.strip() else 'error'}")
+        last = error.strip().splitlines()[-1][:200] if error.strip() else "error"
+        self._finish(trial, "FAILED", f"failed: {last}")
 
 
 def _trial_error(trial) -> str:
