@@ -204,6 +204,9 @@ def run_sweep(name_or_path: str, overrides: Sequence[str] = (), address: str | N
     """
     from ray import tune
 
+    # Ray snapshots the experiment state every few seconds by default; every 2 s, a killed driver loses
+    # at most that much bookkeeping (trials then resume from their last checkpoint, not from scratch).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     spec = load_sweep(name_or_path)
     spec = spec.with_smoke_test() if smoke_test else spec
     overrides = list(overrides)

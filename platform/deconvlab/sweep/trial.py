@@ -21,6 +21,7 @@ CHECKPOINT_FILE = "checkpoint.ckpt"
 SAMPLES_DIR = "samples"
 # Keys added to every report so the driver can tell how far a trial got.
 EPOCH_KEY = "epoch"
+RESUMED_KEY = "resumed_from_epoch"
 
 
 class ReportToRay(pl.Callback):
@@ -31,8 +32,8 @@ class ReportToRay(pl.Callback):
             workers (every rank must call it; rank 0 attaches the checkpoint).
     """
 
-    def __init__(self, report: Callable[..., None]) -> None:
-        self.report = report
+    def __init__(self, report: Callable[..., None], extra: dict[str, float] | None = None) -> None:
+        self.report, self.extra = report, dict(extra or {})
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -40,6 +41,7 @@ class ReportToRay(pl.Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
                    if isinstance(v, torch.Tensor) and v.numel() == 1}
         metrics[EPOCH_KEY] = trainer.current_epoch + 1
+        metrics.update(self.extra)
         from ray.tune import Checkpoint
 
         with tempfile.TemporaryDirectory() as folder:
@@ -61,11 +63,13 @@ def trial_config(sweep: dict[str, Any], sampled: dict[str, Any], output_dir: str
     return compose_config(overrides)
 
 
-def _resume_path(checkpoint) -> str | None:
+def resume_point(checkpoint) -> tuple[str | None, dict[str, float]]:
+    """The Lightning checkpoint to resume from, and ``resumed_from_epoch`` to report (a restarted trial)."""
     if checkpoint is None:
-        return None
-    local = checkpoint.to_directory()
-    return os.path.join(local, CHECKPOINT_FILE)
+        return None, {}
+    path = os.path.join(checkpoint.to_directory(), CHECKPOINT_FILE)
+    epoch = torch.load(path, map_location="cpu", weights_only=True).get("epoch", -1) + 1
+    return path, {RESUMED_KEY: float(epoch)}
 
 
 def run_trial(sampled: dict[str, Any], sweep: dict[str, Any], extra_overrides: list[str],
@@ -78,11 +82,11 @@ def run_trial(sampled: dict[str, Any], sweep: dict[str, Any], extra_overrides: l
     context = tune.get_context()
     output_dir = os.path.join(tempfile.gettempdir(), "deconvlab-trials", context.get_trial_id())
     cfg = trial_config(sweep, sampled, output_dir, extra_overrides)
-    cfg.ckpt_path = _resume_path(tune.get_checkpoint())
+    cfg.ckpt_path, resumed = resume_point(tune.get_checkpoint())
     workers = int(sweep.get("workers_per_trial", 1))
     if workers > 1:
         from deconvlab.sweep.distributed import fit_with_ray_train
 
         fit_with_ray_train(cfg, workers, sweep["resources"], context.get_trial_name(), storage_path)
     else:
-        train(cfg, callbacks=[ReportToRay(tune.report)])
+        train(cfg, callbacks=[ReportToRay(tune.report, resumed)])
