@@ -45,7 +45,7 @@ def tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 @pytest.fixture
-def compose(tracking_uri: str) -> Callable[..., "DictConfig"]:  # noqa: F821
+def compose(tracking_uri: str) -> Callable[..., DictConfig]:  # noqa: F821
     """compose(*overrides, tiny=True) -> a config with tiny trainer settings and a tmp MLflow store."""
     from deconvlab.config import compose_config
 

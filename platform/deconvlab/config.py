@@ -34,6 +34,10 @@ def project_root() -> Path:
     return conf_dir().parent
 
 
+# `${project_root:}` in configs: paths next to the checkout (e.g. ../shared/data) whatever the cwd.
+OmegaConf.register_new_resolver("project_root", lambda: str(project_root()), replace=True)
+
+
 def group_options(group: str) -> list[str]:
     """Names available in config group ``group`` (e.g. the experiments)."""
     folder = conf_dir() / group

@@ -70,6 +70,22 @@ def _scalar_metrics(trainer: pl.Trainer) -> dict[str, float]:
             if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)}
 
 
+def _fit_or_evaluate(trainer: pl.Trainer, task: BaseTask, datamodule: pl.LightningDataModule,
+                     ckpt_path: str | None, checkpoint: ModelCheckpoint) -> str | None:
+    """Fit, or only validate a model with nothing to train (a classical baseline such as Wiener).
+
+    Returns:
+        The best checkpoint's path.
+    """
+    if any(p.requires_grad for p in task.parameters()):
+        trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+        return checkpoint.best_model_path or None
+    trainer.validate(task, datamodule=datamodule, verbose=False)
+    path = Path(checkpoint.dirpath) / "evaluated.ckpt"
+    trainer.save_checkpoint(path)
+    return str(path)
+
+
 @contextlib.contextmanager
 def _tracked(cfg: DictConfig) -> Iterator[tuple[MlflowClient | None, str | None]]:
     if not cfg.logger.get("enabled", True):
@@ -104,11 +120,11 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (),
     with _tracked(cfg) as (client, run_id):
         loggers = [MLFlowLogger(tracking_uri=client.tracking_uri, run_id=run_id)] if run_id else []
         trainer, checkpoint = build_trainer(cfg, task, callbacks, loggers, trainer_overrides)
-        trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        best = _fit_or_evaluate(trainer, task, datamodule, cfg.get("ckpt_path"), checkpoint)
         metrics = _scalar_metrics(trainer)
-        best = checkpoint.best_model_path or None
-        if checkpoint.best_model_score is not None:
-            metrics[f"best/{task.monitor}"] = float(checkpoint.best_model_score)
+        score = checkpoint.best_model_score if checkpoint.best_model_score is not None else metrics.get(task.monitor)
+        if score is not None:
+            metrics[f"best/{task.monitor}"] = float(score)
         if run_id:
             client.log_metric(run_id, f"best/{task.monitor}", metrics.get(f"best/{task.monitor}", float("nan")))
             if best:

@@ -66,7 +66,7 @@ def motion_kernel(length: float, angle: float = 0.0, size: int | None = None) ->
     """
     if length < 1:
         raise ValueError(f"motion length must be at least 1 pixel, got {length}")
-    size = _odd_size(size, length / 2 + 1)
+    size = _odd_size(size, (length + 1) / 2)  # half the segment plus a pixel for the bilinear splat
     theta = math.radians(angle)
     t = torch.linspace(-(length - 1) / 2, (length - 1) / 2, max(2, int(8 * length)), dtype=torch.float64)
     # Rows grow downwards, so a counter-clockwise angle moves up (negative row) as x grows.

@@ -1,0 +1,171 @@
+"""Xu et al.'s DCNN / ODCNN: SVD initialisation equals the separable Wiener filter, training, configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deconvlab.data.degrade import Degradation, disk_kernel, motion_kernel
+from deconvlab.models.registry import get_model_spec, list_models
+from deconvlab.models.wiener import pseudo_inverse_kernel, separable_factors, separable_filter
+from deconvlab.models.xu import DeconvCNN, DeconvOutlierCNN, OutlierRejectionCNN
+
+
+def _pairs(
+    kernel: torch.Tensor, count: int, size: int = 48, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blurred/sharp pairs cut from the camera image (a real texture, not noise)."""
+    from skimage import data
+
+    camera = torch.from_numpy(data.camera() / 255.0).float()
+    g = torch.Generator().manual_seed(seed)
+    corners = torch.randint(0, 512 - size, (count, 2), generator=g)
+    sharp = torch.stack([camera[r : r + size, c : c + size] for r, c in corners.tolist()])[:, None]
+    blurred = torch.stack([Degradation(kernel, 0.01)(s, g) for s in sharp])
+    return blurred, sharp
+
+
+@pytest.mark.parametrize("model_cls", [DeconvCNN, DeconvOutlierCNN])
+def test_svd_initialised_network_equals_the_separable_wiener_filter(model_cls) -> None:
+    kernel = motion_kernel(7, 30)
+    model = model_cls(kernel, support=21, rank=6, snr=50.0)
+    x = torch.rand(2, 3, 40, 36)
+    k_dagger = pseudo_inverse_kernel(kernel, 21, 50.0)
+    expected = separable_filter(x, *separable_factors(k_dagger, 6))
+    with torch.no_grad():
+        assert float((model(x) - expected).abs().max()) < 1e-4
+
+
+def test_outlier_network_even_kernels_do_not_shift_the_image() -> None:
+    # Box filters (all positive, so ReLU is inert): a shift would move the centroid of an impulse.
+    net = OutlierRejectionCNN(width=1, kernel_sizes=(4, 1, 2), residual=False)
+    with torch.no_grad():
+        for conv in net.convs:
+            conv.weight.fill_(1.0 / conv.weight[0].numel())
+            conv.bias.zero_()
+        impulse = torch.zeros(1, 1, 15, 15)
+        impulse[..., 7, 7] = 1
+        out = net(impulse)[0, 0]
+    grid = torch.arange(15.0)
+    assert float((out.sum(1) * grid).sum() / out.sum()) == pytest.approx(7.0, abs=1e-5)
+    assert float((out.sum(0) * grid).sum() / out.sum()) == pytest.approx(7.0, abs=1e-5)
+
+
+def test_residual_outlier_network_starts_as_the_identity() -> None:
+    x = torch.rand(2, 1, 20, 20)
+    torch.testing.assert_close(OutlierRejectionCNN(width=4, kernel_sizes=(4, 1, 2))(x), x)
+
+
+@pytest.mark.parametrize("init", ["svd", "random"])
+def test_training_lowers_the_loss(init: str) -> None:
+    torch.manual_seed(0)
+    kernel = disk_kernel(2)
+    blurred, sharp = _pairs(kernel, 8)
+    model = DeconvOutlierCNN(kernel, support=15, rank=4, snr=30.0, init=init, width=8, kernel_sizes=(6, 1, 4))
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3 if init == "svd" else 3e-3)
+    losses = []
+    for _ in range(25):
+        loss = torch.nn.functional.mse_loss(model(blurred), sharp)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_frozen_deconvolution_stays_the_wiener_filter_while_the_outlier_net_learns() -> None:
+    kernel = disk_kernel(2)
+    blurred, sharp = _pairs(kernel, 4)
+    model = DeconvOutlierCNN(kernel, support=15, rank=4, width=8, kernel_sizes=(6, 1, 4), freeze_deconv=True)
+    before = model.deconv.horizontal.weight.clone()
+    optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(3):
+        loss = torch.nn.functional.mse_loss(model(blurred), sharp)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    torch.testing.assert_close(model.deconv.horizontal.weight, before, rtol=0, atol=0)
+    assert float(model.outlier.convs[-1].weight.abs().sum()) > 0
+
+
+def test_svd_start_beats_random_start_before_training() -> None:
+    torch.manual_seed(0)
+    kernel = disk_kernel(2)
+    blurred, sharp = _pairs(kernel, 4)
+    with torch.no_grad():
+        svd = torch.nn.functional.mse_loss(DeconvCNN(kernel, 15, 4, 30.0, "svd")(blurred), sharp)
+        rand = torch.nn.functional.mse_loss(DeconvCNN(kernel, 15, 4, 30.0, "random")(blurred), sharp)
+        identity = torch.nn.functional.mse_loss(blurred, sharp)
+    assert float(svd) < float(identity) < float(rand)
+
+
+def test_models_are_registered_for_restoration() -> None:
+    names = {spec.name for spec in list_models(task="restoration")}
+    assert {"wiener", "xu_dcnn", "xu_odcnn", "xu_full"} <= names
+    spec = get_model_spec("xu_full")
+    model = spec.build_tiny()
+    x = torch.rand(2, *spec.example_shape, requires_grad=True)
+    out = model(x)
+    assert out.shape == x.shape
+    out.mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_bad_inputs_name_the_value() -> None:
+    with pytest.raises(ValueError, match="needs the blur kernel"):
+        DeconvCNN(None, support=15, rank=4)
+    with pytest.raises(ValueError, match="init must be one of"):
+        DeconvCNN(disk_kernel(2), init="xavier")
+    with pytest.raises(ValueError, match="support=14"):
+        DeconvCNN(disk_kernel(2), support=14)
+    model = DeconvCNN(disk_kernel(2), support=15, rank=4, channels=1)
+    with pytest.raises(ValueError, match="built for 1 channel"):
+        model(torch.rand(1, 3, 32, 32))
+    with pytest.raises(TypeError, match="torch.uint8"):
+        model(torch.zeros(1, 1, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"got shape \(32, 32\)"):
+        model(torch.rand(32, 32))
+    with pytest.raises(ValueError, match="larger than 7 pixels"):
+        model(torch.rand(1, 1, 6, 40))
+
+
+TINY_DATA = [
+    "data.patch_size=40",
+    "data.samples_per_epoch=8",
+    "data.batch_size=4",
+    "data.max_eval_size=48",
+    "trainer.limit_val_batches=1",
+]
+TINY_XU = ["model.support=15", "model.rank=4"]
+
+
+def _train(compose, *overrides: str) -> dict[str, float]:
+    from deconvlab.train import train
+
+    result = train(compose(*overrides, *TINY_DATA))
+    assert result.best_checkpoint is not None
+    return result.metrics
+
+
+@pytest.mark.slow  # ~14 s: most of it loads the eleven scikit-image training images
+def test_xu_full_trains_end_to_end_on_skimage_images(compose) -> None:
+    metrics = _train(compose, "experiment=xu_full_disk7_skimage", *TINY_XU, "model.width=8")
+    assert metrics["val/psnr"] > 15 and metrics["val/psnr_input"] > 15
+
+
+@pytest.mark.data
+@pytest.mark.parametrize(
+    ("experiment", "model_overrides"),
+    [
+        ("xu_dcnn_randinit_disk7_sat_jpeg90_bsd68", TINY_XU),
+        ("wiener_disk7_sat_jpeg90_bsd68", ["model.snr=30"]),
+    ],
+)
+def test_bsd68_experiments_train_end_to_end(compose, experiment: str, model_overrides: list[str]) -> None:
+    from conftest import shared_data
+
+    root = shared_data("deblur", "BSD68")
+    metrics = _train(compose, f"experiment={experiment}", f"data.root={root}", *model_overrides)
+    assert metrics["val/psnr_input"] > 15
+    if experiment.startswith("wiener"):
+        assert metrics["val/psnr"] > metrics["val/psnr_input"]
