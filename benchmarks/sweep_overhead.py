@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-TINY = ["data.samples_per_epoch=64", "data.max_eval_size=64", "+trainer.enable_progress_bar=false"]
+TINY = ["data.samples_per_epoch=64", "data.max_eval_size=64", "trainer.enable_progress_bar=false"]
 
 
 def lr_grid(n: int) -> list[float]:

@@ -24,7 +24,7 @@ TINY_TRAINER = [
     "trainer.limit_train_batches=4",
     "trainer.limit_val_batches=2",
     "trainer.log_every_n_steps=1",
-    "+trainer.enable_progress_bar=false",
+    "trainer.enable_progress_bar=false",
 ]
 
 

@@ -23,7 +23,7 @@ EPOCHS = 4
 SWEEP = f"""
     experiment: quickstart
     overrides: [trainer.max_epochs={EPOCHS}, data.samples_per_epoch=256, trainer.limit_train_batches=12,
-                data.max_eval_size=64, +trainer.enable_progress_bar=false]
+                data.max_eval_size=64, trainer.enable_progress_bar=false]
     metric: val/psnr
     mode: max
     search_space:

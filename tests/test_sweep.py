@@ -79,7 +79,7 @@ def test_two_worker_ddp_trial_reports_the_same_metric_keys(smoke_sweep, tmp_path
     sweep.write_text(textwrap.dedent("""
         experiment: quickstart
         overrides: [trainer.max_epochs=2, trainer.limit_train_batches=3, data.samples_per_epoch=48,
-                    data.max_eval_size=48, +trainer.enable_progress_bar=false]
+                    data.max_eval_size=48, trainer.enable_progress_bar=false]
         metric: val/psnr
         mode: max
         search_space:

@@ -15,7 +15,7 @@ A sweep file looks like::
     max_concurrent_trials: 2
     resources: {cpu: 1, gpu: 0}
     workers_per_trial: 1
-    smoke_test: {num_samples: 3, overrides: [debug=smoke]}
+    smoke_test: {num_samples: 3, overrides: [debug=smoke], search_space: {model.width: choice([16])}}
 """
 
 from __future__ import annotations
@@ -130,6 +130,12 @@ class SweepSpec:
         spec.num_samples = int(smoke.get("num_samples", min(self.num_samples, 3)))
         if "scheduler" in smoke:
             spec.scheduler = {**self.scheduler, **smoke["scheduler"]}
+        # A smoke test may narrow dimensions (e.g. small kernels only), never add new ones.
+        for key, text in (smoke.get("search_space") or {}).items():
+            if key not in spec.search_space:
+                raise UserError(f"smoke_test.search_space key {key!r} is not in search_space", f"{self.path}: smoke_test",
+                                "only narrow existing dimensions in the smoke test")
+            spec.search_space = {**spec.search_space, key: parse_distribution(key, text)}
         return spec
 
     def to_dict(self) -> dict[str, Any]:
