@@ -72,17 +72,28 @@ def load_image_files(files: Sequence[Path]) -> list[np.ndarray]:
     return [_to_gray_float(imread(str(f))) for f in files]
 
 
+def dihedral_augmentation(rotate: bool = True):
+    """Flips and 90-degree rotations (albumentations), applied to the sharp crop before it is degraded,
+    so the degradation itself is never augmented."""
+    import albumentations as A
+
+    flips = [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)]
+    return A.Compose(flips + ([A.RandomRotate90(p=0.5)] if rotate else []))
+
+
 class BlurredCropDataset(Dataset):
     """Random crops degraded on the fly; each sample is reproducible from (seed, index)."""
 
     def __init__(self, sharp: list[torch.Tensor], degradation: Degradation, patch_size: int,
-                 samples: int, seed: int) -> None:
+                 samples: int, seed: int, augment: bool = False) -> None:
         small = [tuple(s.shape[-2:]) for s in sharp if min(s.shape[-2:]) < patch_size]
         if small:
             raise ValueError(f"patch_size {patch_size} is larger than images of size {small}")
         self.sharp, self.degradation = sharp, degradation
         self.patch_size, self.samples, self.seed = patch_size, samples, seed
         self.margin = max(degradation.kernel.shape) // 2
+        self.augment = dihedral_augmentation() if augment else None
+        self.flips = dihedral_augmentation(rotate=False) if augment else None
 
     def __len__(self) -> int:
         return self.samples
@@ -97,9 +108,18 @@ class BlurredCropDataset(Dataset):
         # The margin is clamped at the image border, where reflect padding takes over.
         y0, x0 = max(top - m, 0), max(left - m, 0)
         region = self.sharp[i][..., y0:min(top + p + m, h), x0:min(left + p + m, w)]
+        if self.augment is not None:
+            region = self._augmented(region, int(torch.randint(2**31, (1,), generator=g)))
         degraded = self.degradation(region, g)
         window = (..., slice(top - y0, top - y0 + p), slice(left - x0, left - x0 + p))
         return {"input": degraded[window], "target": region[window]}
+
+    def _augmented(self, region: torch.Tensor, seed: int) -> torch.Tensor:
+        # A region clipped at the image border is not square: rotating it would change its shape.
+        transform = self.augment if region.shape[-1] == region.shape[-2] else self.flips
+        transform.set_random_seed(seed)
+        image = transform(image=np.ascontiguousarray(region.permute(1, 2, 0).numpy()))["image"]
+        return torch.from_numpy(np.ascontiguousarray(image)).reshape(region.shape[1], region.shape[2], -1).permute(2, 0, 1)
 
 
 class WholeImageDataset(Dataset):
@@ -130,12 +150,14 @@ class NaturalImagesDataModule(pl.LightningDataModule):
         samples_per_epoch: training crops per epoch.
         max_eval_size: centre-crop evaluation images to at most this side (None = whole images).
         batch_size, num_workers, seed: the usual.
+        augment: random flips and 90-degree rotations of training crops (albumentations).
     """
 
     def __init__(self, degradation: Degradation, root: str | None = None, split: str = "val",
                  patch_size: int = 48, samples_per_epoch: int = 256, max_eval_size: int | None = 256,
-                 batch_size: int = 16, num_workers: int = 0, seed: int = 0) -> None:
+                 batch_size: int = 16, num_workers: int = 0, seed: int = 0, augment: bool = True) -> None:
         super().__init__()
+        self.augment = augment
         self.degradation = degradation
         self.root, self.split = root, split
         self.patch_size, self.samples_per_epoch = patch_size, samples_per_epoch
@@ -162,7 +184,7 @@ class NaturalImagesDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
             self.train_set = BlurredCropDataset(self._images("train"), self.degradation, self.patch_size,
-                                                self.samples_per_epoch, self.seed)
+                                                self.samples_per_epoch, self.seed, self.augment)
         if self.eval_set is None:
             eval_images = [self._centre_crop(im) for im in self._images(self.split)]
             self.eval_set = WholeImageDataset(eval_images, self.degradation, self.seed + 1)

@@ -10,9 +10,9 @@ k_dagger, of the rank-r separable 1-D convolutions (r picked by singular-value e
 FFT Wiener, measured interleaved in one run (median of repeats, one thread), with each one's PSNR and its
 gap to exact (FFT) Wiener.
 
-    python benchmarks/deconvolution.py                       # BSD68 val split + Set5 when present
-    python benchmarks/deconvolution.py --smoke-test          # seconds, skimage images
-    python benchmarks/deconvolution.py --xu-checkpoint outputs/.../best.ckpt \
+    python benchmarks/inverse_kernel.py                       # BSD68 val split + Set5 when present
+    python benchmarks/inverse_kernel.py --smoke-test          # seconds, skimage images
+    python benchmarks/inverse_kernel.py --xu-checkpoint outputs/.../best.ckpt \
         --xu-experiment xu_full_disk7_sat_jpeg90_bsd68
 """
 
