@@ -1,4 +1,4 @@
-"""The ``deconvlab`` command: train, runs, list, ui (and sweep, promote... as they land).
+"""The ``deconvlab`` command: train, sweep, list, runs, ui; registry: promote, evaluate, predict, models.
 
 User errors print one line ``error: <what> (<where>): <what to do>`` and exit 2; internal errors exit 1
 with one line too, and ``--debug`` shows the traceback.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from deconvlab.errors import UserError
 
@@ -20,7 +20,8 @@ KINDS = {"experiments": "experiment", "models": "model", "data": "data"}
 def _quiet_environment() -> None:
     # No telemetry, no update checks, no usage stats: this runs offline and in CI.
     for key, value in {"MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0",
-                       "NO_ALBUMENTATIONS_UPDATE": "1", "HYDRA_FULL_ERROR": "0"}.items():
+                       "NO_ALBUMENTATIONS_UPDATE": "1", "HYDRA_FULL_ERROR": "0",
+                       "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}.items():
         os.environ.setdefault(key, value)
 
 
@@ -46,7 +47,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from deconvlab.sweep.runner import run_sweep
 
     outcome = run_sweep(args.sweep, args.overrides, address=args.address, smoke_test=args.smoke_test,
-                        storage_path=args.storage, quiet=args.quiet)
+                        storage_path=args.storage, quiet=args.quiet, resume=args.resume)
     print(f"sweep parent run {outcome.parent_run_id} in experiment {outcome.experiment_name}; "
           f"best trial {outcome.best_trial} (run {outcome.best_run_id})")
     return 0
@@ -83,23 +84,110 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def cmd_promote(args: argparse.Namespace) -> int:
+    from deconvlab.registry import describe, promote
+
+    promotion = promote(args.source, args.name, metric=args.metric, mode=args.mode, alias=args.alias,
+                        force=args.force, tracking_uri=args.tracking_uri)
+    print("\n".join(describe(promotion)))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from deconvlab.evaluate import evaluate, format_metrics
+
+    evaluation = evaluate(args.model_uri, args.overrides, tracking_uri=args.tracking_uri, trust=args.trust,
+                          log=not args.no_log)
+    if args.json:
+        import json
+
+        print(json.dumps(evaluation.to_dict(), indent=2))
+    else:
+        print("\n".join(format_metrics(evaluation)))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from deconvlab.predict import predict
+
+    written = predict(args.model_uri, args.inputs, args.output, tracking_uri=args.tracking_uri,
+                      trust=args.trust)
+    print("\n".join(str(path) for path in written))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from deconvlab.registry import list_versions, print_versions
+
+    rows = list_versions(args.tracking_uri, args.name)
+    if args.json:
+        import json
+
+        print(json.dumps(rows, indent=2))
+    else:
+        print_versions(rows, args.tracking_uri)
+    return 0
+
+
+def _add_registry_commands(sub: argparse._SubParsersAction) -> None:
+    uri_help = "default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db"
+    trust_help = "allow unpickling (checkpoints holding Python objects, other MLflow flavours): trusted only"
+    promote = sub.add_parser("promote", help="register the best checkpoint of a sweep or run; move an alias")
+    promote.add_argument("source", help="a sweep name (its latest run), a sweep's parent run id, or a run id")
+    promote.add_argument("--name", required=True, help="registered model name, e.g. quickstart-deblur")
+    promote.add_argument("--metric", help="ranking metric (default: the sweep's, or the task's monitor)")
+    promote.add_argument("--mode", choices=["max", "min"], help="default: the sweep's/task's")
+    promote.add_argument("--alias", default="champion", help="alias to move when the new version is better")
+    promote.add_argument("--force", action="store_true", help="move the alias even if not better")
+    promote.add_argument("--tracking-uri", help=uri_help)
+    promote.set_defaults(func=cmd_promote)
+
+    evaluate = sub.add_parser("evaluate", help="a model's metrics on its validation split or on other data")
+    evaluate.add_argument("model_uri", help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID")
+    evaluate.add_argument("overrides", nargs="*", help="data overrides, e.g. data.split=test data.root=DIR")
+    evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
+    evaluate.add_argument("--no-log", action="store_true", help="do not log an evaluation run")
+    evaluate.add_argument("--trust", action="store_true", help=trust_help)
+    evaluate.add_argument("--tracking-uri", help=uri_help)
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    predict = sub.add_parser("predict", help="apply a model to files: images, NIfTI volumes")
+    predict.add_argument("model_uri", help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID")
+    predict.add_argument("inputs", nargs="+", metavar="INPUT", help="input files")
+    predict.add_argument("-o", "--output", required=True, help="folder for the outputs (created if missing)")
+    predict.add_argument("--trust", action="store_true", help=trust_help)
+    predict.add_argument("--tracking-uri", help=uri_help)
+    predict.set_defaults(func=cmd_predict)
+
+    models = sub.add_parser("models", help="registered models: versions, aliases, metrics, lineage")
+    models.add_argument("name", nargs="?", help="only this registered model")
+    models.add_argument("--json", action="store_true", help="print the rows as JSON")
+    models.add_argument("--tracking-uri", help=uri_help)
+    models.set_defaults(func=cmd_models)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deconvlab", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = sub.add_parser("train", help="train one run: deconvlab train experiment=quickstart key=value ...")
-    train.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=quickstart optim.lr=1e-3")
+    train.add_argument("overrides", nargs="*",
+                       help="Hydra overrides, e.g. experiment=quickstart optim.lr=1e-3")
     train.add_argument("--cfg", choices=["job"], help="print the composed config and exit")
     train.add_argument("--resolve", action="store_true", help="with --cfg: resolve interpolations")
     train.set_defaults(func=cmd_train)
 
-    sweep = sub.add_parser("sweep", help="run a Ray Tune sweep: deconvlab sweep quickstart [overrides] [--smoke-test]")
+    sweep = sub.add_parser("sweep",
+                           help="run a Ray Tune sweep: deconvlab sweep quickstart [overrides] [--smoke-test]")
     sweep.add_argument("sweep", help="a name under sweeps/ or a path to a sweep YAML")
     sweep.add_argument("overrides", nargs="*", help="Hydra overrides for every trial")
     sweep.add_argument("--address", help="Ray cluster: auto or HOST:PORT (default: a local cluster)")
     sweep.add_argument("--smoke-test", action="store_true", help="tiny data, few short trials")
     sweep.add_argument("--storage", help="Ray storage_path for checkpoints and state (default ./ray_results)")
+    sweep.add_argument("--resume", action="store_true",
+                       help="continue the newest interrupted run of this sweep "
+                            "(same --storage and tracking store)")
     sweep.add_argument("--quiet", action="store_true", help="no progress output or leaderboard")
     sweep.set_defaults(func=cmd_sweep)
 
@@ -117,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     ui.set_defaults(func=cmd_ui)
+
+    _add_registry_commands(sub)
     return parser
 
 

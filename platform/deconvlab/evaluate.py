@@ -1,0 +1,178 @@
+"""``deconvlab evaluate``: a model URI on its validation split, or on data chosen by Hydra overrides.
+
+The network and the task come from the model's own resolved config. Only the data may change: with no
+overrides the model is evaluated on exactly the data config it was trained with; ``data.split=test``,
+``data.root=/held/out/set`` or ``data=camvid`` recompose the run's config with those overrides and take
+its data section (switching the data group drops the run's own ``data.*`` overrides, which were for the
+other data set). Metric names keep training's ``val/`` prefix whatever split is read, so they compare
+with the run's own. Every evaluation with a result is logged as a run of the ``evaluations`` experiment,
+tagged with the model URI, the registered name and version, and linked from the version.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from deconvlab import tracking
+from deconvlab.errors import UserError
+from deconvlab.model_io import LoadedModel, load_model, quiet_logger
+
+EVALUATION_EXPERIMENT = "evaluations"
+DATA_FIX = "check data.root (a folder laid out like the data set) and data.split"
+
+
+@dataclass
+class Evaluation:
+    """The metrics of one evaluation and where they were logged."""
+
+    uri: str
+    metrics: dict[str, float]
+    data: dict[str, Any]
+    run_id: str | None = None
+    name: str | None = None
+    version: str | None = None
+    overrides: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_uri": self.uri, "registered_model": self.name, "version": self.version,
+                "split": self.data.get("split"), "data_root": self.data.get("root"),
+                "overrides": self.overrides, "metrics": self.metrics, "evaluation_run_id": self.run_id}
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _is_data_override(override: str) -> bool:
+    return "=" in override and (_key(override) == "data" or _key(override).startswith("data."))
+
+
+def evaluation_data(cfg: DictConfig, overrides: Sequence[str]) -> dict[str, Any]:
+    """The resolved data config to evaluate on: the model's own, or recomposed with ``overrides``.
+
+    Raises:
+        UserError: an override that is not about data (the model is fixed by the URI), or one that does
+            not compose.
+    """
+    others = [o for o in overrides if not _is_data_override(o)]
+    if others:
+        raise UserError(f"evaluate takes data overrides only, got {' '.join(others)}", " ".join(others),
+                        "the model is fixed by its URI; override data=..., data.root=..., data.split=...")
+    if not overrides:
+        return OmegaConf.to_container(cfg.data, resolve=True)
+    from deconvlab.config import compose_config
+
+    base = cfg.get("overrides")
+    if base is None:
+        raise UserError("this model's config does not record the overrides it was composed from",
+                        " ".join(overrides), "evaluate it without overrides, or promote a newer run")
+    if any(_key(o) == "data" for o in overrides):
+        # Another data set: the run's own data.* settings were for the old one and may not even exist.
+        base = [o for o in base if not _is_data_override(o)]
+    composed = compose_config([*base, *overrides])
+    return OmegaConf.to_container(composed.data, resolve=True)
+
+
+def build_datamodule(data: dict[str, Any], where: str):
+    """Instantiate and set up the data module, turning data problems into one actionable line."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        datamodule = instantiate(data)
+        datamodule.setup("validate")
+    except (InstantiationException, OSError, ValueError) as exc:
+        cause = exc.__cause__ or exc
+        raise UserError(f"cannot load the evaluation data: {str(cause).strip().splitlines()[0]}", where,
+                        DATA_FIX) from None
+    return datamodule
+
+
+def _accelerator(cfg: DictConfig) -> str:
+    """The run's own accelerator setting (the numerics it was scored with); CPU if its GPU is missing here."""
+    import torch
+
+    wanted = str(cfg.trainer.get("accelerator", "auto"))
+    return "cpu" if wanted in ("gpu", "cuda") and not torch.cuda.is_available() else wanted
+
+
+def run_validation(loaded: LoadedModel, datamodule) -> dict[str, float]:
+    """The task's validation loop over the whole split; returns its scalar metrics."""
+    import pytorch_lightning as pl
+
+    try:
+        # Lightning's banners (accelerator, tips) would interleave with the metrics or the JSON.
+        with quiet_logger("pytorch_lightning"):
+            trainer = pl.Trainer(accelerator=_accelerator(loaded.cfg), devices=1, logger=False,
+                                 enable_checkpointing=False, enable_progress_bar=False,
+                                 enable_model_summary=False, num_sanity_val_steps=0,
+                                 precision=loaded.cfg.trainer.get("precision", "32-true"))
+            (results,) = trainer.validate(loaded.task, datamodule=datamodule, verbose=False)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"evaluation failed on the data: {str(exc).strip().splitlines()[0]}", "data",
+                        DATA_FIX) from None
+    return {k: float(v) for k, v in sorted(results.items())}
+
+
+def _log(evaluation: Evaluation, loaded: LoadedModel, tracking_uri: str | None) -> str:
+    from deconvlab.registry import client_for
+
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    tags = {"deconvlab.role": "evaluation", "deconvlab.model_uri": loaded.uri,
+            "deconvlab.source_run_id": loaded.run_id or "",
+            "deconvlab.split": str(evaluation.data.get("split")),
+            "deconvlab.data_root": str(evaluation.data.get("root"))}
+    if loaded.name:
+        tags |= {"deconvlab.registered_model": loaded.name, "deconvlab.model_version": str(loaded.version)}
+    label = f"{loaded.name} v{loaded.version}" if loaded.name else f"run {str(loaded.run_id)[:8]}"
+    run_name = f"eval {label} {evaluation.data.get('split')} {time.strftime('%Y%m%d-%H%M%S')}"
+    with tracking.tracked_run(EVALUATION_EXPERIMENT, run_name, uri, tags) as (client, run_id):
+        tracking.log_params(client, run_id, {**tracking.flatten(evaluation.data, "data."),
+                                             "eval.overrides": " ".join(evaluation.overrides)})
+        for key, value in evaluation.metrics.items():
+            client.log_metric(run_id, key, value)
+    if loaded.name:
+        client_for(uri).set_model_version_tag(loaded.name, loaded.version, "deconvlab.last_evaluation_run",
+                                              run_id)
+    return run_id
+
+
+def evaluate(uri: str, overrides: Sequence[str] = (), tracking_uri: str | None = None, trust: bool = False,
+             log: bool = True) -> Evaluation:
+    """Evaluate the model behind ``uri`` with its task's validation metrics.
+
+    Args:
+        uri: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or ``runs:/RUN_ID``.
+        overrides: data overrides (``data.split=test data.root=...``); none = the model's validation data.
+        tracking_uri: the MLflow store (default: ``MLFLOW_TRACKING_URI`` or ./mlflow.db).
+        trust: allow unpickling (see :func:`deconvlab.model_io.load_model`).
+        log: log an evaluation run (nothing is logged when the evaluation fails).
+
+    Returns:
+        The metrics (``val/...`` keys, as in training) and the evaluation run id.
+    """
+    overrides = list(overrides)
+    loaded = load_model(uri, tracking_uri, trust)
+    data = evaluation_data(loaded.cfg, overrides)
+    datamodule = build_datamodule(data, " ".join(overrides) or "data")
+    evaluation = Evaluation(uri, run_validation(loaded, datamodule), data, None, loaded.name, loaded.version,
+                            overrides)
+    if log:
+        evaluation.run_id = _log(evaluation, loaded, tracking_uri)
+    return evaluation
+
+
+def format_metrics(evaluation: Evaluation) -> list[str]:
+    """Human-readable lines: what was evaluated on which data, then one metric per line."""
+    what = f"{evaluation.name} version {evaluation.version}" if evaluation.name else evaluation.uri
+    lines = [f"{what} on split {evaluation.data.get('split')} (root={evaluation.data.get('root')})"]
+    width = max((len(k) for k in evaluation.metrics), default=0)
+    lines += [f"  {k:<{width}}  {v:.6g}" for k, v in evaluation.metrics.items()]
+    if evaluation.run_id:
+        lines.append(f"logged as run {evaluation.run_id} in experiment {EVALUATION_EXPERIMENT}")
+    return lines

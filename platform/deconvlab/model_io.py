@@ -1,0 +1,353 @@
+"""A trained model as files, and back: an MLflow model directory that never needs unpickling.
+
+A promoted model is saved as a standard MLflow model (``MLmodel`` with a signature and an input example
+of batch 2) whose payload is the *resolved config* and the network's ``state_dict``. Loading rebuilds the
+network through deconvlab's own config and model classes and reads the weights with
+``torch.load(weights_only=True)``, so a model URI can never run code hidden in a pickle. The same
+directory carries a ``python_function`` flavour whose loader is this module, so MLflow tools
+(``mlflow.pyfunc.load_model``, ``mlflow models serve``) use the same safe path.
+
+Model URIs: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``models:/NAME`` (latest version) and
+``runs:/RUN_ID`` (a run's own best checkpoint and ``config.yaml``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import pickle
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from deconvlab.errors import UserError
+
+FLAVOR = "deconvlab"
+FORMAT_VERSION = 1
+MODEL_ARTIFACT = "model"
+PAYLOAD_DIR = "deconvlab_model"
+CONFIG_FILE, WEIGHTS_FILE = "config.yaml", "weights.pt"
+# Input examples are stored as JSON inside the model: larger images are cropped to this side.
+EXAMPLE_MAX_SIDE = 64
+TRUST_FIX = "pass --trust only if you trust where this model came from"
+TASK_FAMILIES = {"RestorationTask": "restoration", "SegmentationTask": "segmentation",
+                 "VolumetricSegmentationTask": "volumetric", "ReconstructionTask": "reconstruction"}
+
+
+@dataclass
+class LoadedModel:
+    """A model rebuilt from a URI, ready to evaluate or predict.
+
+    Attributes:
+        uri: the URI it was loaded from.
+        cfg: the resolved config it was trained with.
+        task: the task (LightningModule) holding the network, in eval mode.
+        family: restoration, segmentation, volumetric or reconstruction.
+        run_id: the MLflow run that trained it.
+        name, version: the registered model and version, for ``models:/`` URIs.
+        input_shape: the signature's input shape (-1 = any size), when the model has one.
+    """
+
+    uri: str
+    cfg: DictConfig
+    task: Any
+    family: str
+    run_id: str | None = None
+    name: str | None = None
+    version: str | None = None
+    input_shape: tuple[int, ...] | None = None
+
+    @property
+    def network(self) -> torch.nn.Module:
+        return self.task.model
+
+
+def task_family(task: Any) -> str:
+    """The task family of a built task object (subclasses of the platform's tasks included)."""
+    for cls in type(task).__mro__:
+        if cls.__name__ in TASK_FAMILIES:
+            return TASK_FAMILIES[cls.__name__]
+    raise UserError(f"unknown task class {type(task).__name__}", "task._target_",
+                    "use one of the deconvlab.tasks classes")
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str, level: int = logging.WARNING) -> Iterator[None]:
+    """Raise logger ``name`` to ``level`` for a while: library banners would interleave with our output."""
+    logger = logging.getLogger(name)
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
+# -- weights -------------------------------------------------------------------------------------------
+def read_weights(path: str | Path, trust: bool = False) -> Any:
+    """``torch.load`` a weights or checkpoint file; only tensors and plain containers unless ``trust``.
+
+    Raises:
+        UserError: the file holds pickled objects (and ``trust`` is off), or it is not a torch file.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0][:200]
+        raise UserError(f"{Path(path).name} contains pickled objects that a safe load refuses ({first})",
+                        str(path), TRUST_FIX) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise UserError(f"cannot read weights file {Path(path).name}: {str(exc).strip()[:200]}", str(path),
+                        "the file is damaged or not a PyTorch checkpoint; promote the run again") from None
+
+
+def checkpoint_model_weights(checkpoint: Any, where: str) -> dict[str, torch.Tensor]:
+    """The network's weights out of a Lightning checkpoint (the task's ``model.`` entries)."""
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise UserError("the checkpoint has no state_dict", where,
+                        "use a Lightning checkpoint of a deconvlab run")
+    weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    if not weights:
+        raise UserError("the checkpoint holds no model.* weights", where,
+                        "use a checkpoint of a deconvlab task")
+    return weights
+
+
+def rebuild_task(cfg: DictConfig, weights: dict[str, torch.Tensor], where: str) -> Any:
+    """Build the task and network from ``cfg`` (deconvlab's classes) and load ``weights`` into it."""
+    from deconvlab.train import build_task
+
+    task = build_task(cfg)
+    try:
+        task.model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise UserError(f"the weights do not fit the model built from its config: {first}", where,
+                        "the config and weights come from different runs; promote the run again") from None
+    return task.eval()
+
+
+# -- saving --------------------------------------------------------------------------------------------
+def example_input(task: Any, cfg: DictConfig) -> torch.Tensor:
+    """A real input batch of 2 from the validation split (crops to a common size, at most 64 a side).
+
+    Batch 2, not 1: MLflow's tooling bakes an example's batch size into some flavours (see STACK-NOTES).
+    """
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    samples: list[torch.Tensor] = []
+    try:
+        datamodule = instantiate(cfg.data)
+        datamodule.setup("validate")
+        for batch in datamodule.val_dataloader():
+            samples.extend(task.input_of(batch).unbind(0))
+            if len(samples) >= 2:
+                break
+    except (InstantiationException, OSError, ValueError) as exc:
+        cause = str(exc.__cause__ or exc).strip().splitlines()[0]
+        raise UserError(f"cannot read the run's validation data for the model's input example: {cause}",
+                        f"data.root={cfg.data.get('root')}",
+                        "promote where the run's data is available") from None
+    if not samples:
+        raise UserError("the validation split is empty", "data", "check data.root and data.split")
+    samples = (samples * 2)[:2]
+    sides = [min(min(s.shape[d] for s in samples), EXAMPLE_MAX_SIDE) for d in range(1, samples[0].ndim)]
+    crop = (slice(None), *(slice(0, n) for n in sides))
+    return torch.stack([s[crop] for s in samples]).float()
+
+
+def _forward(network: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return network(x)
+
+
+def _keeps_any_size(network: torch.nn.Module, example: torch.Tensor, output: torch.Tensor) -> bool:
+    """Whether the network maps any spatial size to the same size (probed on the example at half size)."""
+    half = example[(slice(None), slice(None), *(slice(0, max(1, n // 2)) for n in example.shape[2:]))]
+    try:
+        return output.shape[2:] == example.shape[2:] and _forward(network, half).shape[2:] == half.shape[2:]
+    except (RuntimeError, ValueError):  # a fixed-size network (e.g. fully connected)
+        return False
+
+
+def _tensor_schema(shape: list[int]):
+    from mlflow.types.schema import Schema, TensorSpec
+
+    return Schema([TensorSpec(np.dtype(np.float32), tuple(shape))])
+
+
+def build_signature(network: torch.nn.Module, example: torch.Tensor):
+    """The tensor signature: any batch; any spatial size if the network keeps sizes, else the example's."""
+    from mlflow.models.signature import ModelSignature
+
+    output = _forward(network, example)
+    in_shape, out_shape = [-1, *example.shape[1:]], [-1, *output.shape[1:]]
+    if _keeps_any_size(network, example, output):
+        in_shape[2:] = out_shape[2:] = [-1] * (example.ndim - 2)
+    return ModelSignature(inputs=_tensor_schema(in_shape), outputs=_tensor_schema(out_shape))
+
+
+def pip_requirements() -> list[str]:
+    """Given explicitly: MLflow would otherwise spend seconds inferring them on every save."""
+    import mlflow
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "deconvlab"]
+
+
+def save_model_dir(task: Any, cfg: DictConfig, path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``task``'s network as an MLflow model directory at ``path`` (which must not exist).
+
+    Returns:
+        ``path``.
+    """
+    import mlflow.pyfunc
+    from mlflow.models import Model
+
+    example = example_input(task, cfg)
+    signature = build_signature(task.model.eval(), example)
+    with tempfile.TemporaryDirectory() as folder:
+        payload = Path(folder) / PAYLOAD_DIR
+        payload.mkdir()
+        (payload / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        # Plain tensors only: loadable with weights_only=True.
+        torch.save({k: v.detach().cpu() for k, v in task.model.state_dict().items()}, payload / WEIGHTS_FILE)
+        mlflow_model = Model()
+        mlflow_model.add_flavor(FLAVOR, format_version=FORMAT_VERSION, family=task_family(task),
+                                data=f"data/{PAYLOAD_DIR}", config=CONFIG_FILE, weights=WEIGHTS_FILE)
+        with quiet_logger("mlflow"):
+            mlflow.pyfunc.save_model(str(path), loader_module=__name__, data_path=str(payload),
+                                     mlflow_model=mlflow_model, signature=signature,
+                                     input_example=example.numpy(), pip_requirements=pip_requirements(),
+                                     metadata=dict(metadata or {}))
+    return path
+
+
+# -- loading -------------------------------------------------------------------------------------------
+def load_payload(payload: Path, trust: bool = False) -> tuple[DictConfig, Any]:
+    """Config and task from a payload folder (``config.yaml`` + ``weights.pt``)."""
+    config_path, weights_path = payload / CONFIG_FILE, payload / WEIGHTS_FILE
+    if not config_path.is_file() or not weights_path.is_file():
+        raise UserError(f"the model folder lacks {CONFIG_FILE} or {WEIGHTS_FILE}", str(payload),
+                        "promote the run again")
+    cfg = OmegaConf.create(config_path.read_text())
+    weights = read_weights(weights_path, trust)
+    return cfg, rebuild_task(cfg, weights, str(weights_path))
+
+
+class _PyfuncModel:
+    """What ``mlflow.pyfunc.load_model`` returns for a deconvlab model: numpy in, network output out."""
+
+    def __init__(self, task: Any) -> None:
+        self.task = task
+
+    def predict(self, model_input: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
+        return _forward(self.task.model, torch.as_tensor(np.asarray(model_input, np.float32))).numpy()
+
+
+def _load_pyfunc(data_path: str) -> _PyfuncModel:
+    """MLflow's ``python_function`` loader hook: the same safe rebuild as :func:`load_model`."""
+    return _PyfuncModel(load_payload(Path(data_path))[1])
+
+
+MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))?/?$")
+RUNS_URI = re.compile(r"^runs:/(?P<run>[0-9a-fA-F]{32})(?:/.*)?$")
+URI_FIX = "use models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID (deconvlab models lists them)"
+
+
+def load_model(uri: str, tracking_uri: str | None = None, trust: bool = False) -> LoadedModel:
+    """Rebuild the model behind ``uri`` (see the module docstring for the forms).
+
+    Args:
+        uri: the model URI.
+        tracking_uri: the MLflow store (default: ``MLFLOW_TRACKING_URI`` or ./mlflow.db).
+        trust: allow unpickling (checkpoints with Python objects, models saved by other flavours).
+
+    Raises:
+        UserError: a malformed URI, an unknown name, alias, version or run, a run without checkpoint.
+    """
+    from deconvlab.registry import client_for
+
+    client = client_for(tracking_uri)
+    if match := MODELS_URI.match(uri):
+        return _load_version(client, uri, match, trust)
+    if match := RUNS_URI.match(uri):
+        return _load_run(client, uri, match["run"], trust)
+    raise UserError(f"unsupported model URI {uri!r}", uri, URI_FIX)
+
+
+def _load_version(client, uri: str, match: re.Match, trust: bool) -> LoadedModel:
+    import mlflow.artifacts
+    from mlflow.models import Model
+
+    from deconvlab.registry import find_version
+
+    version = find_version(client, match["name"], alias=match["alias"], version=match["version"])
+    with tempfile.TemporaryDirectory() as folder:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=folder,
+                                                         tracking_uri=client.tracking_uri))
+        meta = Model.load(str(local / "MLmodel")) if (local / "MLmodel").is_file() else None
+        if meta is not None and FLAVOR in meta.flavors:
+            cfg, task = load_payload(local / meta.flavors[FLAVOR]["data"], trust)
+        elif trust:
+            cfg, task = _load_foreign(client, version, local)
+        else:
+            flavors = ", ".join(meta.flavors) if meta else "no MLmodel"
+            raise UserError(f"version {version.version} of {version.name} is not a deconvlab model "
+                            f"({flavors}); loading it would unpickle code", uri, TRUST_FIX)
+    shape = _signature_input_shape(meta)
+    return LoadedModel(uri, cfg, task, task_family(task), version.run_id, version.name, str(version.version),
+                       shape)
+
+
+def _load_foreign(client, version, local: Path) -> tuple[DictConfig, Any]:
+    """A version saved by another flavour (mlflow.pytorch pickles): only with --trust."""
+    import mlflow.pytorch
+
+    from deconvlab.train import build_task
+
+    cfg = run_config(client, version.run_id)
+    task = build_task(cfg)
+    task.model = mlflow.pytorch.load_model(str(local))
+    return cfg, task.eval()
+
+
+def _signature_input_shape(meta) -> tuple[int, ...] | None:
+    schema = meta.get_input_schema() if meta is not None else None
+    if schema is None or not schema.is_tensor_spec():
+        return None
+    return tuple(schema.inputs[0].shape)
+
+
+def run_config(client, run_id: str) -> DictConfig:
+    """The resolved ``config.yaml`` a run logged."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    uri = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{CONFIG_FILE}"
+    try:
+        return OmegaConf.create(mlflow.artifacts.load_text(uri))
+    except (MlflowException, OSError):
+        raise UserError(f"run {run_id} has no {CONFIG_FILE}", f"runs:/{run_id}",
+                        "promote a run made by deconvlab train or deconvlab sweep") from None
+
+
+def _load_run(client, uri: str, run_id: str, trust: bool) -> LoadedModel:
+    from deconvlab.registry import checkpoint_artifact, get_run
+
+    run = get_run(client, run_id)
+    artifact = checkpoint_artifact(client, run)
+    cfg = run_config(client, run_id)
+    with tempfile.TemporaryDirectory() as folder:
+        path = client.download_artifacts(run_id, artifact, folder)
+        weights = checkpoint_model_weights(read_weights(path, trust), f"{uri} ({artifact})")
+    task = rebuild_task(cfg, weights, uri)
+    return LoadedModel(uri, cfg, task, task_family(task), run_id)

@@ -1,0 +1,428 @@
+"""The model registry: promote the best checkpoint of a sweep (or a run), move aliases, list models.
+
+``promote`` packages a run's best checkpoint as an MLflow model (see :mod:`deconvlab.model_io`), registers
+it as a new version tagged with its lineage, and moves the alias (``champion`` by default) only when the
+new version beats the current holder on the ranking metric; the holder it replaces gets ``previous``.
+The decide-and-write step holds a file lock per (store, name) and re-reads the registry under it, so
+promotions racing on one name register each run once and leave exactly one holder of the alias.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from deconvlab import tracking
+from deconvlab.errors import UserError
+from deconvlab.model_io import TASK_FAMILIES, run_config
+
+TAG = "deconvlab."
+PREVIOUS_ALIAS = "previous"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+RUN_ID_PATTERN = re.compile(r"^(?:runs:/)?(?P<run>[0-9a-fA-F]{32})/?$")
+LOCK_TIMEOUT_S = 120
+
+
+def client_for(tracking_uri: str | None = None) -> MlflowClient:
+    """A client for the tracking store and its model registry (the same store)."""
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    return MlflowClient(uri, registry_uri=uri)
+
+
+def _missing(exc: MlflowException) -> bool:
+    return exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
+def get_run(client: MlflowClient, run_id: str):
+    try:
+        return client.get_run(run_id)
+    except MlflowException as exc:
+        if not _missing(exc):
+            raise
+        raise UserError(f"no run {run_id}", client.tracking_uri, "check the id with deconvlab runs") from None
+
+
+def registered_names(client: MlflowClient) -> list[str]:
+    return sorted(m.name for m in client.search_registered_models())
+
+
+def find_version(client: MlflowClient, name: str, alias: str | None = None, version: str | None = None):
+    """The version of ``name`` behind an alias, a number, or (neither) the latest one.
+
+    Raises:
+        UserError: unknown model name, alias or version, listing what exists.
+    """
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as exc:
+        if not _missing(exc):
+            raise
+        names = ", ".join(registered_names(client)) or "none yet: run deconvlab promote"
+        raise UserError(f"no registered model {name!r}", client.tracking_uri,
+                        f"registered models: {names}") from None
+    if alias is not None:
+        if alias not in model.aliases:
+            known = ", ".join(f"{a} (v{v})" for a, v in sorted(model.aliases.items())) or "none"
+            raise UserError(f"model {name!r} has no alias {alias!r}", f"models:/{name}@{alias}",
+                            f"aliases of {name}: {known}")
+        return client.get_model_version(name, model.aliases[alias])
+    versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    if version is None and versions:
+        version = str(versions[-1])
+    if version is None or int(version) not in versions:
+        raise UserError(f"model {name!r} has no version {version}", f"models:/{name}/{version}",
+                        f"versions of {name}: {', '.join(map(str, versions)) or 'none'}")
+    return client.get_model_version(name, version)
+
+
+def checkpoint_artifact(client: MlflowClient, run) -> str:
+    """The artifact path of a run's best checkpoint (``checkpoints/*.ckpt``).
+
+    Raises:
+        UserError: the run has no checkpoint (a failed trial, a run stopped before its first validation).
+    """
+    tagged = run.data.tags.get(f"{TAG}best_checkpoint")
+    listed = client.list_artifacts(run.info.run_id, "checkpoints")
+    files = [a.path for a in listed if a.path.endswith(".ckpt")]
+    if tagged and tagged in files:
+        return tagged
+    best = [f for f in files if not f.endswith("/last.ckpt")]
+    if not best:
+        raise UserError(f"run {run.info.run_id} has no checkpoint (checkpoints/*.ckpt)",
+                        f"runs:/{run.info.run_id}",
+                        "promote a finished run or sweep trial that validated at least once")
+    return best[0]
+
+
+# -- what to promote -----------------------------------------------------------------------------------
+@dataclass
+class Candidate:
+    """A run chosen for promotion, with the value that ranks it."""
+
+    run: Any
+    metric: str
+    mode: str
+    value: float
+    checkpoint: str
+    sweep: str | None = None
+    sweep_run_id: str | None = None
+    trial_id: str | None = None
+
+    @property
+    def run_id(self) -> str:
+        return self.run.info.run_id
+
+
+def _best_value(run, metric: str) -> float | None:
+    value = run.data.metrics.get(f"best/{metric}")
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _better(a: float, b: float, mode: str) -> bool:
+    return a > b if mode == "max" else a < b
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in ("max", "min"):
+        raise UserError(f"mode must be max or min, got {mode!r}", "--mode", "pass --mode max or min")
+    return mode
+
+
+def _sweep_parent(client: MlflowClient, sweep: str):
+    experiment = client.get_experiment_by_name(f"sweep-{sweep}")
+    parents = client.search_runs([experiment.experiment_id], f"tags.{TAG}role = 'parent'",
+                                 order_by=["attributes.start_time DESC"]) if experiment else []
+    if not parents:
+        sweeps = sorted(e.name.removeprefix("sweep-") for e in client.search_experiments()
+                        if e.name.startswith("sweep-"))
+        raise UserError(f"no sweep {sweep!r} and no run with that id", client.tracking_uri,
+                        f"pass a run id or one of the sweeps: {', '.join(sweeps) or 'none yet'}")
+    finished = [p for p in parents if p.info.status == "FINISHED"]
+    return (finished or parents)[0]
+
+
+def _from_sweep(client: MlflowClient, parent, metric: str | None, mode: str | None) -> Candidate:
+    metric = metric or parent.data.params.get("sweep.metric")
+    mode = _check_mode(mode or parent.data.params.get("sweep.mode", "max"))
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    ranked = [c for c in children if _best_value(c, metric) is not None]
+    if not ranked:
+        raise UserError(f"no trial of sweep run {parent.info.run_id} has a best/{metric} value",
+                        f"runs:/{parent.info.run_id}",
+                        "rank by the sweep's own metric, or check the sweep finished")
+    ranked.sort(key=lambda c: _best_value(c, metric), reverse=(mode == "max"))
+    best = next((c for c in ranked if _has_checkpoint(client, c)), None)
+    if best is None:
+        raise UserError(f"no trial of sweep run {parent.info.run_id} has a checkpoint",
+                        f"runs:/{parent.info.run_id}",
+                        "rerun the sweep; trials log checkpoints/checkpoint.ckpt when they validate")
+    return Candidate(best, metric, mode, _best_value(best, metric), checkpoint_artifact(client, best),
+                     parent.data.tags.get(f"{TAG}sweep"), parent.info.run_id,
+                     best.data.tags.get(f"{TAG}trial_id"))
+
+
+def _has_checkpoint(client: MlflowClient, run) -> bool:
+    try:
+        checkpoint_artifact(client, run)
+    except UserError:
+        return False
+    return True
+
+
+def _from_run(client: MlflowClient, run, metric: str | None, mode: str | None) -> Candidate:
+    params = run.data.params
+    metric = metric or params.get("task.monitor")
+    mode = _check_mode(mode or params.get("task.monitor_mode", "max"))
+    value = _best_value(run, metric) if metric else None
+    if value is None:
+        known = sorted(k.removeprefix("best/") for k in run.data.metrics if k.startswith("best/"))
+        raise UserError(f"run {run.info.run_id} has no finite best/{metric}", "--metric",
+                        f"rank by one of: {', '.join(known) or 'none (the run never validated)'}")
+    checkpoint = checkpoint_artifact(client, run)
+    parent_id = run.data.tags.get("mlflow.parentRunId")
+    return Candidate(run, metric, mode, value, checkpoint, run.data.tags.get(f"{TAG}sweep"), parent_id,
+                     run.data.tags.get(f"{TAG}trial_id"))
+
+
+def select_candidate(client: MlflowClient, source: str, metric: str | None = None,
+                     mode: str | None = None) -> Candidate:
+    """The run to promote: a sweep's best trial (by name or parent run id), or the run given."""
+    if match := RUN_ID_PATTERN.match(source):
+        run = get_run(client, match["run"])
+        if run.data.tags.get(f"{TAG}role") == "parent":
+            return _from_sweep(client, run, metric, mode)
+        return _from_run(client, run, metric, mode)
+    # A sweep file's path (sweeps/NAME.yaml) names its sweep too.
+    sweep = Path(source).stem if source.endswith((".yaml", ".yml")) else source
+    return _from_sweep(client, _sweep_parent(client, sweep), metric, mode)
+
+
+# -- promotion -----------------------------------------------------------------------------------------
+@dataclass
+class Promotion:
+    """What ``promote`` did: the version, whether the alias moved, and why."""
+
+    name: str
+    version: str
+    alias: str
+    moved: bool
+    reason: str
+    candidate: Candidate
+    newly_registered: bool = True
+    previous_version: str | None = None
+
+
+def _lineage(candidate: Candidate, cfg) -> dict[str, str]:
+    run = candidate.run
+    data = cfg.data
+    tags = {
+        "source_run_id": candidate.run_id, "checkpoint": candidate.checkpoint,
+        "metric": candidate.metric, "mode": candidate.mode, "metric_value": repr(candidate.value),
+        "sweep": candidate.sweep or "", "sweep_run_id": candidate.sweep_run_id or "",
+        "trial_id": candidate.trial_id or "",
+        "git_commit": run.data.tags.get("mlflow.source.git.commit") or tracking.git_commit() or "unknown",
+        "dataset": f"{_short(data._target_)}(root={data.get('root')}, split={data.get('split')})",
+        "experiment": str(cfg.get("name")), "model": _short(cfg.model._target_),
+        "config": " ".join(cfg.get("overrides") or [])[:4000],
+        "family": TASK_FAMILIES.get(_short(cfg.task._target_), ""),
+    }
+    return {f"{TAG}{k}": v for k, v in tags.items() if v != ""}
+
+
+def _short(target: str) -> str:
+    return str(target).rsplit(".", 1)[-1]
+
+
+def _package(client: MlflowClient, candidate: Candidate, cfg) -> None:
+    """Rebuild the candidate's network from its checkpoint and log it as the run's ``model`` artifact."""
+    from deconvlab import model_io
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = client.download_artifacts(candidate.run_id, candidate.checkpoint, folder)
+        weights = model_io.checkpoint_model_weights(model_io.read_weights(path), candidate.checkpoint)
+        task = model_io.rebuild_task(cfg, weights, f"runs:/{candidate.run_id}")
+        target = Path(folder) / model_io.MODEL_ARTIFACT
+        model_io.save_model_dir(task, cfg, target, {"source_run_id": candidate.run_id})
+        client.log_artifacts(candidate.run_id, str(target), model_io.MODEL_ARTIFACT)
+
+
+def _lock_path(client: MlflowClient, name: str) -> Path:
+    uri = client.tracking_uri
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        return db.parent / f".{db.name}.registry-{name}.lock"
+    digest = hashlib.sha1(f"{uri}|{name}".encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"deconvlab-registry-{digest}.lock"
+
+
+def _version_of_run(client: MlflowClient, name: str, run_id: str):
+    for version in client.search_model_versions(f"name='{name}'"):
+        if version.tags.get(f"{TAG}source_run_id") == run_id:
+            return version
+    return None
+
+
+def _register(client: MlflowClient, name: str, candidate: Candidate, cfg) -> tuple[Any, bool]:
+    existing = _version_of_run(client, name, candidate.run_id)
+    if existing is not None:
+        return existing, False
+    try:
+        client.create_registered_model(name, description="promoted by deconvlab")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    source = f"{candidate.run.info.artifact_uri.rstrip('/')}/model"
+    origin = f"trial {candidate.trial_id} of sweep {candidate.sweep}" if candidate.sweep else "a single run"
+    why = f"{candidate.metric} = {candidate.value:.6g} ({candidate.mode}) from {origin}"
+    version = client.create_model_version(name, source, candidate.run_id, tags=_lineage(candidate, cfg),
+                                          description=why)
+    return version, True
+
+
+def _decide(client: MlflowClient, name: str, alias: str, version, candidate: Candidate,
+            force: bool) -> tuple[bool, str, str | None]:
+    """Whether ``version`` takes ``alias``, why, and the version it takes it from."""
+    aliases = client.get_registered_model(name).aliases
+    holder_number = aliases.get(alias)
+    if holder_number is None:
+        return True, f"no version held @{alias} yet", None
+    holder_number = str(holder_number)
+    if holder_number == str(version.version):
+        return False, f"version {version.version} already holds @{alias}", None
+    holder = client.get_model_version(name, holder_number)
+    held_metric, held_mode = holder.tags.get(f"{TAG}metric"), holder.tags.get(f"{TAG}mode")
+    held_value = float(holder.tags.get(f"{TAG}metric_value", "nan"))
+    if force:
+        why = f"--force: replaces version {holder_number} ({held_metric} = {held_value:.6g})"
+        return True, why, holder_number
+    if (held_metric, held_mode) != (candidate.metric, candidate.mode) or not math.isfinite(held_value):
+        return False, (f"version {holder_number} @{alias} was ranked by {held_metric} ({held_mode}), not by "
+                       f"{candidate.metric} ({candidate.mode}): no comparison; --force moves it"), None
+    if _better(candidate.value, held_value, candidate.mode):
+        return True, (f"{candidate.metric} {candidate.value:.6g} beats version {holder_number}'s "
+                      f"{held_value:.6g} ({candidate.mode})"), holder_number
+    return False, (f"{candidate.metric} {candidate.value:.6g} does not beat version {holder_number}'s "
+                   f"{held_value:.6g} ({candidate.mode}); @{alias} stays (--force moves it anyway)"), None
+
+
+def previous_alias(alias: str) -> str:
+    """The alias the replaced holder keeps: ``previous`` for ``champion``, ``previous-<alias>`` otherwise."""
+    return PREVIOUS_ALIAS if alias == "champion" else f"{PREVIOUS_ALIAS}-{alias}"
+
+
+def _check_names(name: str, alias: str) -> None:
+    if not NAME_PATTERN.match(name):
+        raise UserError(f"invalid model name {name!r}", "--name",
+                        "use letters, digits, '.', '_' or '-' (no '/' or '@'), starting with a letter/digit")
+    if not NAME_PATTERN.match(alias) or re.fullmatch(r"[vV]\d+|latest", alias):
+        raise UserError(f"invalid alias {alias!r}", "--alias",
+                        "use letters, digits, '.', '_' or '-'; 'latest' and v<number> are reserved")
+
+
+def promote(source: str, name: str, metric: str | None = None, mode: str | None = None,
+            alias: str = "champion", force: bool = False, tracking_uri: str | None = None) -> Promotion:
+    """Register the best checkpoint of a sweep (or of a run) as a new version of ``name``.
+
+    Everything that can fail on user input (unknown sweep or run, no checkpoint, a model that does not
+    rebuild) fails before the registry is touched.
+
+    Args:
+        source: a sweep name (its latest run), a sweep's parent run id, or any run id (``runs:/ID`` too).
+        name: the registered model name.
+        metric, mode: the ranking; default: the sweep's metric, or the run's task monitor.
+        alias: the alias to move when the new version is better.
+        force: move the alias even if the new version is not better.
+        tracking_uri: the MLflow store (default: ``MLFLOW_TRACKING_URI`` or ./mlflow.db).
+
+    Returns:
+        What was registered and whether (and why) the alias moved.
+    """
+    from filelock import FileLock, Timeout
+
+    _check_names(name, alias)
+    client = client_for(tracking_uri)
+    candidate = select_candidate(client, source, metric, mode)
+    cfg = run_config(client, candidate.run_id)
+    if _version_of_run(client, name, candidate.run_id) is None:
+        _package(client, candidate, cfg)  # outside the lock: the slow part, and it writes no registry entry
+    lock = _lock_path(client, name)
+    try:
+        with FileLock(lock, timeout=LOCK_TIMEOUT_S):
+            version, new = _register(client, name, candidate, cfg)
+            moved, reason, replaced = _decide(client, name, alias, version, candidate, force)
+            if moved:
+                client.set_registered_model_alias(name, alias, version.version)
+                if replaced is not None:
+                    client.set_registered_model_alias(name, previous_alias(alias), replaced)
+    except Timeout:
+        raise UserError(f"another promotion to {name!r} holds the registry lock", str(lock),
+                        "wait for it to finish, or delete the lock file if no promotion is running") from None
+    return Promotion(name, str(version.version), alias, moved, reason, candidate, new, replaced)
+
+
+def describe(promotion: Promotion) -> list[str]:
+    """Lines telling a user what ``promote`` did and why."""
+    c, p = promotion.candidate, promotion
+    origin = f"trial {c.trial_id} of sweep {c.sweep} (run {c.run_id})" if c.sweep else f"run {c.run_id}"
+    lines = [f"picked {origin}: best {c.metric} = {c.value:.6g} ({c.mode})",
+             (f"registered {p.name} version {p.version}" if p.newly_registered
+              else f"run already registered as {p.name} version {p.version}")]
+    if p.moved:
+        lines.append(f"@{p.alias} -> version {p.version}: {p.reason}")
+        if p.previous_version:
+            lines.append(f"@{previous_alias(p.alias)} -> version {p.previous_version}")
+    else:
+        lines.append(f"@{p.alias} not moved: {p.reason}")
+    return lines
+
+
+# -- listing -------------------------------------------------------------------------------------------
+def list_versions(tracking_uri: str | None = None, name: str | None = None) -> list[dict[str, Any]]:
+    """One row per registered version: name, version, aliases, metric, value, source run, sweep, dataset."""
+    client = client_for(tracking_uri)
+    if name is not None:
+        find_version(client, name)  # a clear error for an unknown name
+    rows = []
+    for model in sorted(client.search_registered_models(), key=lambda m: m.name):
+        if name not in (None, model.name):
+            continue
+        by_version: dict[str, list[str]] = {}
+        for alias, number in model.aliases.items():
+            by_version.setdefault(str(number), []).append(alias)
+        for version in sorted(client.search_model_versions(f"name='{model.name}'"),
+                              key=lambda v: int(v.version)):
+            tags = version.tags
+            rows.append({"name": model.name, "version": int(version.version),
+                         "aliases": sorted(by_version.get(str(version.version), [])),
+                         "metric": tags.get(f"{TAG}metric"), "value": float(tags.get(f"{TAG}metric_value",
+                                                                                     "nan")),
+                         "run_id": version.run_id, "sweep": tags.get(f"{TAG}sweep"),
+                         "trial": tags.get(f"{TAG}trial_id"), "dataset": tags.get(f"{TAG}dataset"),
+                         "family": tags.get(f"{TAG}family")})
+    return rows
+
+
+def print_versions(rows: list[dict[str, Any]], tracking_uri: str | None = None) -> None:
+    """A Rich table of :func:`list_versions` rows."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"registered models in {tracking.resolve_tracking_uri(tracking_uri)}")
+    for column in ("name", "version", "aliases", "metric", "value", "family", "sweep / trial", "run",
+                   "dataset"):
+        table.add_column(column)
+    for row in rows:
+        origin = f"{row['sweep']} / {row['trial']}" if row["sweep"] else "-"
+        table.add_row(row["name"], str(row["version"]), ", ".join(row["aliases"]), row["metric"] or "",
+                      f"{row['value']:.6g}", row["family"] or "", origin, (row["run_id"] or "")[:8],
+                      row["dataset"] or "")
+    Console(width=200).print(table if rows else "no registered models yet: run deconvlab promote")
