@@ -85,6 +85,8 @@ def init_ray(address: str | None) -> dict[str, float]:
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address and address != "auto" and not ray.is_initialized():
+        _check_port_open(address)
     if not ray.is_initialized():
         try:
             ray.init(address=address, include_dashboard=False, configure_logging=False)
@@ -92,6 +94,18 @@ def init_ray(address: str | None) -> dict[str, float]:
             raise UserError(f"cannot reach a Ray cluster at {address!r}: {str(exc).splitlines()[0]}", "--address",
                             "start one (ray start --head) or leave --address out for a local cluster") from None
     return ray.cluster_resources()
+
+
+def _check_port_open(address: str, timeout_s: float = 5.0) -> None:
+    """ray.init waits minutes for an address nobody listens on: knock on the GCS port first."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot reach a Ray cluster at {address!r} ({exc})", "--address",
+                        "start one (ray start --head) or leave --address out for a local cluster") from None
 
 
 def resolve_storage(storage_path: str | None) -> str:
@@ -127,6 +141,10 @@ def _log_parent(client, run_id: str, spec: SweepSpec, overrides: Sequence[str], 
 
 
 def _log_leaderboard(client, run_id: str, table: pd.DataFrame, spec: SweepSpec) -> None:
+    from deconvlab.report import log_sweep_views
+
+    # Trial costs (MACs/px, latency) join the table; parallel coordinates, Pareto front, report.html.
+    table = log_sweep_views(client, run_id) if len(table) else table
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder)
         table.to_csv(out / "leaderboard.csv", index=False)

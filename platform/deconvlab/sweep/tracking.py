@@ -19,11 +19,12 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from deconvlab import tracking
-from deconvlab.sweep.trial import CHECKPOINT_FILE, EPOCH_KEY, SAMPLES_DIR, trial_config
+from deconvlab.sweep.trial import CHECKPOINT_FILE, EPOCH_KEY, NODE_KEY, SAMPLES_DIR, trial_config
 
 TRIAL_TAG = "deconvlab.trial_id"
 STOP_REASON_TAG = "deconvlab.stop_reason"
 EPOCHS_TAG = "deconvlab.epochs"
+NODES_TAG = "deconvlab.nodes"
 # Tune's bookkeeping in a result, not the trial's own numbers.
 _TUNE_KEYS = {"timestamp", "time_this_iter_s", "time_total_s", "pid", "training_iteration", "time_since_restore",
               "iterations_since_restore", "done", "checkpoint_dir_name"}
@@ -71,6 +72,7 @@ class MLflowSweepCallback(Callback):
         self.best: dict[str, tuple[float, str | None]] = {}
         self.last_epoch: dict[str, int] = {}
         self.latest_is_best: dict[str, bool] = {}
+        self.nodes: dict[str, list[str]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         # Ray pickles callbacks into its experiment state; a client with open connections does not pickle.
@@ -124,6 +126,7 @@ class MLflowSweepCallback(Callback):
         now = int(time.time() * 1000)
         self.client.log_batch(run_id, metrics=[Metric(k, v, now, epoch) for k, v in _numeric(result).items()])
         self.last_epoch[trial.trial_id] = epoch
+        self._record_node(trial.trial_id, run_id, result.get(NODE_KEY))
         value = result.get(self.metric)
         improved = isinstance(value, (int, float)) and math.isfinite(value) and \
             self._is_better(float(value), self.best.get(trial.trial_id, (None,))[0])
@@ -131,6 +134,13 @@ class MLflowSweepCallback(Callback):
         if improved:
             # Multi-worker trials report their checkpoint's path in the result; others via on_checkpoint.
             self.best[trial.trial_id] = (float(value), result.get("checkpoint_path"))
+
+    def _record_node(self, trial_id: str, run_id: str, node: str | None) -> None:
+        """Tag the child run with every Ray node the trial ran on (more than one after a recovery)."""
+        if not node or node in self.nodes.setdefault(trial_id, []):
+            return
+        self.nodes[trial_id].append(node)
+        self.client.set_tag(run_id, NODES_TAG, ",".join(self.nodes[trial_id]))
 
     def on_checkpoint(self, iteration: int, trials: list, trial, checkpoint, **info) -> None:
         """Log the epoch's sample images; remember the folder of the best checkpoint."""

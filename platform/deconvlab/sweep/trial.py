@@ -22,6 +22,13 @@ SAMPLES_DIR = "samples"
 # Keys added to every report so the driver can tell how far a trial got.
 EPOCH_KEY = "epoch"
 RESUMED_KEY = "resumed_from_epoch"
+NODE_KEY = "node_id"
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
 
 class ReportToRay(pl.Callback):
@@ -41,6 +48,7 @@ class ReportToRay(pl.Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
                    if isinstance(v, torch.Tensor) and v.numel() == 1}
         metrics[EPOCH_KEY] = trainer.current_epoch + 1
+        metrics[NODE_KEY] = _node_id()
         metrics.update(self.extra)
         from ray.tune import Checkpoint
 
