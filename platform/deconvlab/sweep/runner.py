@@ -115,14 +115,18 @@ def resolve_storage(storage_path: str | None) -> str:
 
 
 def latest_experiment(storage: str, spec: SweepSpec) -> str:
-    """The newest restorable Ray experiment of this sweep under ``storage`` (for --resume)."""
+    """The newest restorable Ray experiment of this sweep under ``storage`` (a folder or a URI), for --resume."""
+    import pyarrow.fs
     from ray import tune
 
-    candidates = sorted(Path(storage).glob(f"{spec.name}-*"), key=lambda p: p.name, reverse=True) \
-        if "://" not in storage else []
-    for path in candidates:
-        if tune.Tuner.can_restore(str(path)):
-            return str(path)
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else Path(storage).as_uri())
+    entries = filesystem.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    names = sorted((e.base_name for e in entries if e.type == pyarrow.fs.FileType.Directory
+                    and e.base_name.startswith(f"{spec.name}-")), reverse=True)
+    for name in names:  # run names end in a timestamp: newest first
+        path = f"{storage.rstrip('/')}/{name}"
+        if tune.Tuner.can_restore(path):
+            return path
     raise UserError(f"no interrupted run of sweep {spec.name!r} to resume", storage,
                     "run it without --resume, or pass the --storage it ran with")
 
