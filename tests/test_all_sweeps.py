@@ -1,0 +1,32 @@
+"""Every sweep under sweeps/ runs with --smoke-test and its best trial is promotable (slow: minutes)."""
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from deconvlab.sweep.spec import sweeps_dir
+
+pytestmark = pytest.mark.slow
+# quickstart's smoke sweep is exercised in tests/test_sweep.py already.
+SWEEPS = sorted(p.stem for p in sweeps_dir().glob("*.yaml") if p.stem != "quickstart")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_smoke_sweep_runs_and_promotes(name, ray_cluster, tmp_path, tracking_uri):
+    from deconvlab.registry import promote
+    from deconvlab.sweep.runner import run_sweep
+
+    outcome = run_sweep(name, smoke_test=True, storage_path=str(tmp_path / "ray"), quiet=True)
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(outcome.experiment_name).experiment_id])
+    assert len(runs) == len(outcome.leaderboard) + 1 and all(r.info.status == "FINISHED" for r in runs)
+    promotion = promote(outcome.parent_run_id, f"{name}-smoke")
+    assert promotion.moved and client.get_model_version_by_alias(f"{name}-smoke", "champion").version == "1"
