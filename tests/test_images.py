@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import shared_data
 from deconvlab.data.degrade import Degradation, disk_kernel
 from deconvlab.data.images import BlurredCropDataset, NaturalImagesDataModule, list_image_files
-
-from conftest import shared_data
 
 
 def _dataset(augment: bool, seed: int = 0) -> BlurredCropDataset:

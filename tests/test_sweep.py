@@ -56,7 +56,7 @@ def test_asha_stops_some_trials_early_and_they_end_finished(smoke_sweep):
     outcome, client = smoke_sweep
     children = _children(client, outcome)
     reasons = [c.data.tags["deconvlab.stop_reason"] for c in children]
-    early = [c for c, r in zip(children, reasons) if r.startswith("stopped early")]
+    early = [c for c, r in zip(children, reasons, strict=True) if r.startswith("stopped early")]
     assert early and all(c.info.status == "FINISHED" for c in early)
     assert any(r == "completed" for r in reasons)
     epochs = [len(client.get_metric_history(c.info.run_id, "val/psnr")) for c in early]

@@ -8,9 +8,10 @@ driver then logs the trial's child run, so trials never write to the tracking st
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 import torch

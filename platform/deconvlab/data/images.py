@@ -7,8 +7,8 @@ afterwards, so crops carry real image content at their borders, not padding.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -119,7 +119,8 @@ class BlurredCropDataset(Dataset):
         transform = self.augment if region.shape[-1] == region.shape[-2] else self.flips
         transform.set_random_seed(seed)
         image = transform(image=np.ascontiguousarray(region.permute(1, 2, 0).numpy()))["image"]
-        return torch.from_numpy(np.ascontiguousarray(image)).reshape(region.shape[1], region.shape[2], -1).permute(2, 0, 1)
+        image = np.ascontiguousarray(image).reshape(region.shape[1], region.shape[2], -1)
+        return torch.from_numpy(image).permute(2, 0, 1)
 
 
 class WholeImageDataset(Dataset):

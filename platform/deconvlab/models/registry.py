@@ -7,8 +7,9 @@ forward and backward pass over all of them (the timm habit).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch.nn as nn
 
@@ -40,7 +41,7 @@ _REGISTRY: dict[str, ModelSpec] = {}
 
 def _snake_case(name: str) -> str:
     out = [name[0].lower()]
-    for prev, ch in zip(name, name[1:]):
+    for prev, ch in zip(name, name[1:], strict=False):
         if ch.isupper() and (prev.islower() or prev.isdigit()):
             out.append("_")
         out.append(ch.lower())

@@ -88,7 +88,8 @@ def _check_arguments(key: str, kind: str, args: tuple[Any, ...]) -> None:
     numeric = all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
     expected = 3 if kind.startswith("q") else 2
     if len(args) != expected or not numeric:
-        raise UserError(f"{kind} needs {expected} numbers", where, f"e.g. {kind}(1e-4, 1e-2{', 1e-4' if expected == 3 else ''})")
+        example = "1e-4, 1e-2, 1e-4" if expected == 3 else "1e-4, 1e-2"
+        raise UserError(f"{kind} needs {expected} numbers", where, f"e.g. {kind}({example})")
     low, high = args[0], args[1]
     if not low < high:
         raise UserError(f"{kind} needs low < high, got {low} and {high}", where, "swap or fix the bounds")
@@ -133,8 +134,8 @@ class SweepSpec:
         # A smoke test may narrow dimensions (e.g. small kernels only), never add new ones.
         for key, text in (smoke.get("search_space") or {}).items():
             if key not in spec.search_space:
-                raise UserError(f"smoke_test.search_space key {key!r} is not in search_space", f"{self.path}: smoke_test",
-                                "only narrow existing dimensions in the smoke test")
+                raise UserError(f"smoke_test.search_space key {key!r} is not in search_space",
+                                f"{self.path}: smoke_test", "only narrow existing dimensions in the smoke test")
             spec.search_space = {**spec.search_space, key: parse_distribution(key, text)}
         return spec
 
@@ -191,7 +192,8 @@ def _load_yaml(path: Path) -> dict[str, Any]:
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise UserError(f"malformed YAML: {getattr(exc, 'problem', exc)}", where, "fix the YAML syntax") from None
     if not isinstance(data, dict):
-        raise UserError("a sweep file must be a mapping of keys", str(path), f"start from {sweeps_dir()}/quickstart.yaml")
+        raise UserError("a sweep file must be a mapping of keys", str(path),
+                        f"start from {sweeps_dir()}/quickstart.yaml")
     return data
 
 
@@ -201,7 +203,8 @@ def _check_keys(data: dict[str, Any], path: Path) -> None:
         raise UserError(f"missing key(s) {', '.join(missing)}", str(path), f"a sweep file needs {', '.join(REQUIRED)}")
     unknown = sorted(set(data) - KNOWN_KEYS)
     if unknown:
-        raise UserError(f"unknown key(s) {', '.join(unknown)}", str(path), f"valid keys: {', '.join(sorted(KNOWN_KEYS))}")
+        raise UserError(f"unknown key(s) {', '.join(unknown)}", str(path),
+                        f"valid keys: {', '.join(sorted(KNOWN_KEYS))}")
     if data["mode"] not in ("min", "max"):
         raise UserError(f"mode must be min or max, got {data['mode']!r}", f"{path}: mode", "set mode: max or mode: min")
     kind = (data.get("scheduler") or {}).get("type", "fifo")
@@ -248,7 +251,8 @@ def validate(spec: SweepSpec, extra_overrides: list[str] = ()) -> None:
     for key in spec.search_space:
         if OmegaConf.select(base, key, default="__missing__") == "__missing__":
             raise UserError(f"search key {key!r} is not in the config of experiment {spec.experiment!r}",
-                            f"{spec.path}: search_space.{key}", "use a dotted key that `deconvlab train --cfg job` shows")
+                            f"{spec.path}: search_space.{key}",
+                            "use a dotted key that `deconvlab train --cfg job` shows")
     for key, dist in spec.search_space.items():
         for value in dist.values_for_validation():
             compose_config([*spec.trial_overrides({key: value}), *extra_overrides])

@@ -168,7 +168,8 @@ class MLflowSweepCallback(Callback):
         self._finish(trial, "FINISHED", reason)
 
     def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
-        self.client.set_tag(self._run_for(trial), "deconvlab.recovered", f"restarted from a checkpoint at {time.ctime()}")
+        self.client.set_tag(self._run_for(trial), "deconvlab.recovered",
+                            f"restarted from a checkpoint at {time.ctime()}")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         error = _trial_error(trial)

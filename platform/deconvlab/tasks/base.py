@@ -7,8 +7,9 @@ and how to draw a few samples (:meth:`render_samples`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
