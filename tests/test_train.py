@@ -79,3 +79,11 @@ def test_untracked_trial_mode_writes_no_run(compose, tracking_uri, tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
     # Without an MLflow run, sample images land beside the checkpoints (the sweep driver picks them up).
     assert list((tmp_path / "outputs").rglob("samples/epoch_*/*.png"))
+
+
+def test_two_dimensional_codes_are_drawn_as_a_scatter(compose, tracking_uri):
+    cfg = compose("experiment=autoencoder_fc", "data.max_samples=256", "model.code_size=2", "trainer.max_epochs=1")
+    result = train(cfg)
+    client = MlflowClient(tracking_uri)
+    files = {a.path for a in client.list_artifacts(result.run_id, "samples/epoch_000")}
+    assert "samples/epoch_000/code_scatter.png" in files

@@ -26,6 +26,33 @@ def _bce(output: torch.Tensor, target: torch.Tensor, reduction: str = "mean") ->
     return F.binary_cross_entropy(output.clamp(1e-6, 1 - 1e-6), target, reduction=reduction)
 
 
+MAX_SCATTER_POINTS = 2000
+
+
+def _code_size(model: torch.nn.Module) -> int | None:
+    """The code size of an autoencoder (its ``code_size`` attribute and an ``encode`` method); None otherwise."""
+    size = getattr(model, "code_size", None)
+    return int(size) if size is not None and hasattr(model, "encode") else None
+
+
+def code_scatter(codes: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """A 2-D code scatter coloured by digit class, as an H x W x 3 uint8 image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    points = ax.scatter(codes[:, 0], codes[:, 1], c=labels, cmap="tab10", s=4, vmin=0, vmax=9)
+    fig.colorbar(points, ax=ax, label="digit")
+    ax.set_xlabel("code[0]")
+    ax.set_ylabel("code[1]")
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return image
+
+
 class ReconstructionTask(BaseTask):
     """Trains an autoencoder; reports per-pixel MSE and BCE on validation.
 
@@ -41,6 +68,9 @@ class ReconstructionTask(BaseTask):
         kwargs.setdefault("monitor", "val/mse")
         kwargs.setdefault("monitor_mode", "min")
         super().__init__(*args, **kwargs)
+        self.code_size = _code_size(self.model)
+        self._codes: list[torch.Tensor] = []
+        self._code_labels: list[torch.Tensor] = []
 
     def build_metrics(self) -> MetricCollection:
         return MetricCollection({"mse": PerPixelMetric(F.mse_loss), "bce": PerPixelMetric(_bce)})
@@ -54,6 +84,24 @@ class ReconstructionTask(BaseTask):
         output = self(batch["image"])
         loss_fn = F.mse_loss if self.loss_name == "mse" else _bce
         return loss_fn(output, batch["image"]), output
+
+    def update_metrics(self, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        super().update_metrics(output, batch)
+        if self._wants_code_scatter() and sum(len(c) for c in self._codes) < MAX_SCATTER_POINTS:
+            with torch.no_grad():
+                self._codes.append(self.model.encode(batch["image"]).float().cpu())
+            self._code_labels.append(batch.get("label", torch.zeros(len(batch["image"]))).cpu())
+
+    def _wants_code_scatter(self) -> bool:
+        # Only a 2-D code can be drawn as it is; larger codes would need a projection that distorts them.
+        return self.code_size == 2 and self._wants_samples()
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        if self._codes:
+            codes, labels = torch.cat(self._codes).numpy(), torch.cat(self._code_labels).numpy()
+            self.rendered_samples["code_scatter"] = code_scatter(codes, labels)
+        self._codes, self._code_labels = [], []
 
     def render_samples(self, batch: dict[str, torch.Tensor], output: torch.Tensor) -> dict[str, np.ndarray]:
         """One grid: originals on the top row, reconstructions below."""
