@@ -18,7 +18,9 @@ from mlflow.tracking import MlflowClient
 from deconvlab.errors import UserError
 
 pytestmark = pytest.mark.slow
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+# Debian's server binaries, whatever the major version (.ci/run installs them when missing).
+PG_BIN = max(Path("/usr/lib/postgresql").glob("*/bin"), default=Path("/usr/lib/postgresql/15/bin"),
+             key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
 
 
 def free_port() -> int:
