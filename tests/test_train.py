@@ -87,3 +87,13 @@ def test_two_dimensional_codes_are_drawn_as_a_scatter(compose, tracking_uri):
     client = MlflowClient(tracking_uri)
     files = {a.path for a in client.list_artifacts(result.run_id, "samples/epoch_000")}
     assert "samples/epoch_000/code_scatter.png" in files
+
+
+def test_diverged_training_fails_the_run_with_the_reason(compose, tracking_uri):
+    cfg = compose("experiment=quickstart", "data.samples_per_epoch=32", "data.max_eval_size=32", "optim.lr=1e30",
+                  "optim=sgd")
+    with pytest.raises(FloatingPointError, match="diverged"):
+        train(cfg)
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    assert run.info.status == "FAILED" and "not finite" in run.data.tags["error"]

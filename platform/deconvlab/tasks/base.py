@@ -89,12 +89,22 @@ class BaseTask(pl.LightningModule):
         self._collect_samples(batch, output, batch_idx)
 
     def on_validation_epoch_end(self) -> None:
-        values = self.val_metrics.compute()
-        self.log_dict({f"val/{k}": v for k, v in self.flatten_metrics(values).items()},
-                      prog_bar=True, sync_dist=True)
+        values = self.flatten_metrics(self.val_metrics.compute())
+        self.log_dict({f"val/{k}": v for k, v in values.items()}, prog_bar=True, sync_dist=True)
+        self._stop_if_diverged(values)
         # Logged beside the metrics so leaderboards can compare models at equal parameter budgets.
         self.log("model/num_params", float(self.num_params), sync_dist=False)
         self.val_metrics.reset()
+
+    def _stop_if_diverged(self, values: dict[str, torch.Tensor]) -> None:
+        """A NaN/inf validation metric means training diverged: fail the run (or trial) with the reason.
+
+        Checked once per validation rather than per training step, so the hot loop never syncs.
+        """
+        bad = {k: float(v) for k, v in values.items() if not torch.isfinite(v).all()}
+        if bad and not self.trainer.sanity_checking:
+            raise FloatingPointError(f"validation metrics {bad} are not finite at epoch {self.current_epoch}: "
+                                     "training diverged (lower optim.lr or clip gradients: trainer.gradient_clip_val)")
 
     def _collect_samples(self, batch: dict[str, torch.Tensor], output: torch.Tensor, batch_idx: int) -> None:
         """Render the first ``num_samples`` validation samples (written by the SampleImages callback)."""
