@@ -84,6 +84,13 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from deconvlab.report import write_report
+
+    print(write_report(args.sweep, args.output, args.tracking_uri))
+    return 0
+
+
 def cmd_promote(args: argparse.Namespace) -> int:
     from deconvlab.registry import describe, promote
 
@@ -205,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     ui.set_defaults(func=cmd_ui)
+
+    report = sub.add_parser("report", help="a sweep as one self-contained HTML page (images inlined)")
+    report.add_argument("sweep", help="a sweep name (its latest run), or the run id of its parent or a trial")
+    report.add_argument("-o", "--output", default="report.html", help="the HTML file to write")
+    report.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    report.set_defaults(func=cmd_report)
 
     _add_registry_commands(sub)
     return parser

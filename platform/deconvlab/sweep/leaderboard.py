@@ -32,7 +32,7 @@ def build_leaderboard(client: MlflowClient, experiment_id: str, parent_run_id: s
                if k.startswith("sampled.")},
             "mlflow_run": run.info.run_id,
         })
-    table = _cost_columns_after_params(pd.DataFrame(rows))
+    table = order_cost_columns(pd.DataFrame(rows))
     if table.empty:
         return table
     table = table.sort_values(f"best {metric}", ascending=(mode == "min"), na_position="last")
@@ -49,8 +49,9 @@ def _cost_columns(metrics: dict[str, float]) -> dict[str, float]:
     return {column: metrics.get(key, float("nan")) for key, column in COST_COLUMNS.items()}
 
 
-def _cost_columns_after_params(table: pd.DataFrame) -> pd.DataFrame:
-    # A trial without costs listed first would push the cost columns to the end of the table.
+def order_cost_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """The cost columns right after ``params`` (a trial without costs listed first would push them to
+    the end of the table)."""
     from deconvlab.cost import COST_COLUMNS
 
     costs = [c for c in COST_COLUMNS.values() if c in table.columns]

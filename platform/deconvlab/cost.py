@@ -1,0 +1,229 @@
+"""What a model costs: parameters, multiply-accumulates per input pixel, and measured inference latency.
+
+MACs are counted by torch's own ``FlopCounterMode`` (torch.utils.flop_counter) while the model runs on one
+input: every convolution, transposed convolution and matrix product dispatched to ATen is counted, also
+those called functionally (``F.conv2d`` with a computed kernel, as Xu's separable layers do), which
+module hooks would miss. FFTs are not counted, so a Wiener filter's cost shows as 0 MACs and only its
+latency tells the truth. MACs per pixel divide by the input's spatial size (H x W, or D x H x W), so
+fully convolutional nets compare independently of the image size they were measured on.
+
+The sweep driver logs these for every trial (``cost/*`` metrics of the child run) so the leaderboard
+and the report can put each trial's metric beside its cost.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
+
+# Metric keys in a child run, and the leaderboard columns they become ("params" comes from the
+# trained model's own model/num_params metric).
+COST_COLUMNS = {"cost/macs_per_pixel": "MACs/px", "cost/latency_ms": "latency ms"}
+COST_ERROR_TAG = "deconvlab.cost_error"
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """The cost of one model on one input.
+
+    Attributes:
+        params: number of parameters (trainable or not).
+        macs: multiply-accumulates of one forward pass on the input (batch of one).
+        pixels: spatial size of the input (H*W or D*H*W).
+        latency_ms: median wall time of one forward pass, in milliseconds.
+        input_shape: the input's shape, batch included.
+    """
+
+    params: int
+    macs: int
+    pixels: int
+    latency_ms: float
+    input_shape: tuple[int, ...]
+
+    @property
+    def macs_per_pixel(self) -> float:
+        return self.macs / self.pixels
+
+    def as_metrics(self) -> dict[str, float]:
+        """The ``cost/*`` metrics logged to a run."""
+        return {"cost/params": float(self.params), "cost/macs_per_pixel": self.macs_per_pixel,
+                "cost/latency_ms": self.latency_ms}
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass of ``model`` on ``example`` (convolutions and matmuls)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(example)
+    # FlopCounterMode counts a multiply and an add as two FLOPs.
+    return counter.get_total_flops() // 2
+
+
+def spatial_pixels(example: torch.Tensor) -> int:
+    """H*W (or D*H*W) of a batch-first, channels-second input; the features of a flat [B, F] input."""
+    return int(math.prod(example.shape[2:])) if example.dim() > 2 else int(example.shape[-1])
+
+
+def measure_latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time (ms) of a forward pass under ``no_grad``, after ``warmup`` untimed passes."""
+    times = []
+    with torch.no_grad():
+        for i in range(warmup + repeats):
+            start = time.perf_counter()
+            model(example)
+            if i >= warmup:
+                times.append((time.perf_counter() - start) * 1000.0)
+    return float(sorted(times)[len(times) // 2])
+
+
+def model_cost(model: nn.Module, example: torch.Tensor, repeats: int = 5) -> ModelCost:
+    """Parameters, MACs and latency of ``model`` (put in eval mode) on a batch of one ``example``."""
+    model.eval()
+    example = example[:1]
+    return ModelCost(count_params(model), count_macs(model, example), spatial_pixels(example),
+                     measure_latency_ms(model, example, repeats), tuple(example.shape))
+
+
+# -- an input for a configured model ---------------------------------------------------------------------
+def _redirect(node: Any, old: str, new: str) -> Any:
+    """Replace ``old`` (the trial's output dir) by ``new`` in every string of a config container."""
+    if isinstance(node, dict):
+        return {k: _redirect(v, old, new) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_redirect(v, old, new) for v in node]
+    return node.replace(old, new, 1) if isinstance(node, str) and old and node.startswith(old) else node
+
+
+def example_from_data(cfg: DictConfig, task) -> torch.Tensor:
+    """The first validation input of the configured data (the size the model is really used at).
+
+    Anything the data module writes (plans, caches under the trial's output dir) goes to a throwaway
+    folder instead of the trial's, which may not exist where the driver runs.
+    """
+    from hydra.utils import instantiate
+
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        data_cfg = _redirect(data_cfg, str(cfg.paths.get("output_dir", "")), scratch)
+        datamodule = instantiate(data_cfg)
+        datamodule.setup("validate")
+        batch = next(iter(datamodule.val_dataloader()))
+    return task.input_of(batch)[:1]
+
+
+def example_from_registry(model: nn.Module) -> torch.Tensor:
+    """A random input of the shape the model registry records for this model's class."""
+    from deconvlab.models.registry import list_models
+
+    spec = next((s for s in list_models() if s.builder is type(model)), None)
+    if spec is None:
+        raise LookupError(f"{type(model).__name__} is not in the model registry and its data did not load")
+    return torch.rand(1, *spec.example_shape)
+
+
+def example_for(cfg: DictConfig, task) -> tuple[torch.Tensor, bool]:
+    """One input for the configured model: its data's first validation input, or (when the data cannot be
+    loaded where this runs) a random one of the registry's example shape.
+
+    Returns:
+        ``(input, from_data)``.
+    """
+    from deconvlab.errors import UserError
+
+    try:
+        return example_from_data(cfg, task), True
+    except (OSError, UserError, ValueError, StopIteration):
+        return example_from_registry(task.model), False
+
+
+def config_cost(cfg: DictConfig, repeats: int = 5, example: torch.Tensor | None = None) -> ModelCost:
+    """Build the configured model (as ``train`` does) and measure its cost on one input.
+
+    Args:
+        cfg: a composed (resolved) run config, e.g. a trial's ``config.yaml``.
+        repeats: timed forward passes for the latency median.
+        example: the input to use; by default :func:`example_for` picks one.
+    """
+    from deconvlab.train import build_task
+
+    task = build_task(cfg)
+    if example is None:
+        example, _ = example_for(cfg, task)
+    return model_cost(task.model, example, repeats)
+
+
+# -- a sweep's trials ------------------------------------------------------------------------------------
+def run_config(client: MlflowClient, run_id: str) -> DictConfig:
+    """The resolved ``config.yaml`` a run logged."""
+    with tempfile.TemporaryDirectory() as folder:
+        return OmegaConf.load(client.download_artifacts(run_id, "config.yaml", folder))
+
+
+def _measure_trial(client: MlflowClient, run_id: str,
+                   examples: dict[str, torch.Tensor]) -> tuple[ModelCost, nn.Module]:
+    from deconvlab.train import build_task
+
+    cfg = run_config(client, run_id)
+    task = build_task(cfg)
+    # Trials of one sweep usually share their data config: load its first input once.
+    key = OmegaConf.to_yaml(cfg.data, resolve=True)
+    if key in examples:
+        example = examples[key]
+    else:
+        example, from_data = example_for(cfg, task)
+        if from_data:
+            examples[key] = example
+    return model_cost(task.model, example), task.model
+
+
+def trial_costs(client: MlflowClient, run_ids: list[str], log: bool = True) -> dict[str, ModelCost | None]:
+    """Measure every trial's model from its logged ``config.yaml``; log ``cost/*`` metrics to its run.
+
+    A trial whose model cannot be built here gets None and an explanatory tag: costs are a view of a
+    finished sweep, never a reason to fail it.
+    """
+    costs: dict[str, ModelCost | None] = {}
+    examples: dict[str, torch.Tensor] = {}
+    torch.manual_seed(0)
+    for run_id in run_ids:
+        try:
+            cost, model = _measure_trial(client, run_id, examples)
+        except Exception as exc:  # noqa: BLE001 - any model/config error: record it, keep the sweep
+            costs[run_id] = None
+            if log:
+                client.set_tag(run_id, COST_ERROR_TAG, f"{type(exc).__name__}: {exc}"[:500])
+            continue
+        costs[run_id] = cost
+        if log:
+            log_cost(client, run_id, cost, model)
+    return costs
+
+
+def summary(cost: ModelCost, model: nn.Module | None = None) -> str:
+    """The model summary a run keeps: the cost in words, then the module tree."""
+    lines = [f"parameters:     {cost.params:,}",
+             f"MACs per pixel: {cost.macs_per_pixel:,.1f} "
+             f"({cost.macs:,} MACs on an input of shape {list(cost.input_shape)})",
+             f"latency:        {cost.latency_ms:.3f} ms (median of timed forward passes, batch of one, "
+             f"{torch.get_num_threads()} CPU threads)"]
+    return "\n".join(lines + (["", repr(model)] if model is not None else [])) + "\n"
+
+
+def log_cost(client: MlflowClient, run_id: str, cost: ModelCost, model: nn.Module | None = None) -> None:
+    """Log ``cost/*`` metrics and ``model_summary.txt`` to a run."""
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in cost.as_metrics().items()])
+    client.log_text(run_id, summary(cost, model), "model_summary.txt")

@@ -1,0 +1,300 @@
+"""Sweep dashboards: what the driver adds to a sweep's parent run, and ``deconvlab report``.
+
+At the end of a sweep, :func:`log_sweep_views` measures every trial's cost (parameters, MACs per pixel,
+latency: :mod:`deconvlab.cost`), logs a parallel-coordinates plot of the sampled hyperparameters against
+the metric and the Pareto front of metric vs cost beside the leaderboard, and copies the best trial's
+sample images and an HTML report into the parent run.
+
+``deconvlab report SWEEP -o report.html`` writes the same report for any sweep in the store: one HTML
+file with every image inlined (base64), no script and no external link, readable offline without MLflow.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from deconvlab import cost, tracking
+from deconvlab.sweep import leaderboard as lb
+
+SAMPLES_DIR = "samples"
+# How many epochs of the best trial's samples the report shows (first, ..., last).
+MAX_SAMPLE_EPOCHS = 3
+
+
+@dataclass
+class SweepReport:
+    """Everything a sweep report shows, read from MLflow.
+
+    Attributes:
+        parent: the sweep's parent run.
+        table: the leaderboard (with cost columns when measured).
+        metric, mode: what the sweep ranked trials by.
+        hyperparameters: the search space's keys (leaderboard columns).
+        plots: PNG files by name: ``(title, bytes)``.
+        samples: the best trial's sample images: epoch folder -> file name -> PNG bytes.
+        best_config: the best trial's resolved config (YAML).
+    """
+
+    parent: object
+    table: pd.DataFrame
+    metric: str
+    mode: str
+    hyperparameters: list[str]
+    plots: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+    samples: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    best_config: str = ""
+
+    @property
+    def metric_column(self) -> str:
+        return f"best {self.metric}"
+
+    @property
+    def best_run_id(self) -> str | None:
+        return str(self.table.iloc[0]["mlflow_run"]) if len(self.table) else None
+
+
+# -- reading a sweep back ------------------------------------------------------------------------------
+def find_parent_run(client: MlflowClient, source: str):
+    """The parent run of a sweep given by sweep name (its latest run), parent run id, or a trial's run id."""
+    from deconvlab.errors import UserError
+    from deconvlab.registry import RUN_ID_PATTERN, _sweep_parent, get_run
+
+    if match := RUN_ID_PATTERN.match(source):
+        run = get_run(client, match["run"])
+        if "mlflow.parentRunId" in run.data.tags:  # a trial: report its whole sweep
+            run = get_run(client, run.data.tags["mlflow.parentRunId"])
+        if run.data.tags.get("deconvlab.role") != "parent":
+            raise UserError(f"run {source} is not a sweep's parent run", "SWEEP",
+                            "pass a sweep name or the parent run id that deconvlab sweep printed")
+        return run
+    return _sweep_parent(client, Path(source).stem if source.endswith((".yaml", ".yml")) else source)
+
+
+def _sweep_settings(parent) -> tuple[str, str, list[str]]:
+    params = parent.data.params
+    hyperparameters = sorted(k.removeprefix("search_space.") for k in params if k.startswith("search_space."))
+    return params["sweep.metric"], params.get("sweep.mode", "max"), hyperparameters
+
+
+def _with_costs(client: MlflowClient, table: pd.DataFrame) -> pd.DataFrame:
+    """Measure costs (without logging them) for a sweep that ran before the driver logged them."""
+    if len(table) == 0 or "MACs/px" in table.columns:
+        return table
+    costs = cost.trial_costs(client, list(table["mlflow_run"]), log=False)
+    table = table.copy()
+    for key, column in cost.COST_COLUMNS.items():
+        table[column] = [c.as_metrics()[key] if c is not None else float("nan")
+                         for c in (costs[r] for r in table["mlflow_run"])]
+    return lb.order_cost_columns(table)
+
+
+def _artifact_text(client: MlflowClient, run_id: str, path: str) -> str:
+    """A top-level text artifact of a run, "" when the run has none of that name."""
+    if path not in {a.path for a in client.list_artifacts(run_id)}:
+        return ""
+    with tempfile.TemporaryDirectory() as folder:
+        return Path(client.download_artifacts(run_id, path, folder)).read_text()
+
+
+def best_samples(client: MlflowClient, run_id: str,
+                 max_epochs: int = MAX_SAMPLE_EPOCHS) -> dict[str, dict[str, bytes]]:
+    """PNG samples of a run at up to ``max_epochs`` epochs (evenly picked, first and last included)."""
+    epochs = sorted(a.path for a in client.list_artifacts(run_id, SAMPLES_DIR) if a.is_dir)
+    if len(epochs) > max_epochs:
+        step = (len(epochs) - 1) / (max_epochs - 1)
+        epochs = [epochs[round(i * step)] for i in range(max_epochs)]
+    samples: dict[str, dict[str, bytes]] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for epoch in epochs:
+            local = Path(client.download_artifacts(run_id, epoch, folder))
+            samples[Path(epoch).name] = {p.name: p.read_bytes() for p in sorted(local.glob("*.png"))}
+    return samples
+
+
+def _plots(client: MlflowClient, report: SweepReport) -> dict[str, tuple[str, bytes]]:
+    """Curves, parallel coordinates and Pareto front as PNG files, rendered from the leaderboard."""
+    titles = {"curves.png": f"{report.metric} per epoch, all trials", **VIEW_TITLES}
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder)
+        histories = lb.metric_histories(client, report.table, report.metric)
+        lb.render_curves(histories, report.metric, out / "curves.png")
+        render_views(report.table, report.metric, report.mode, report.hyperparameters, out)
+        return {name: (title, (out / name).read_bytes()) for name, title in titles.items()
+                if (out / name).is_file()}
+
+
+def load_report(client: MlflowClient, parent) -> SweepReport:
+    """Read a sweep's leaderboard, costs, histories and best samples from MLflow and render its plots."""
+    metric, mode, hyperparameters = _sweep_settings(parent)
+    table = lb.build_leaderboard(client, parent.info.experiment_id, parent.info.run_id, metric, mode)
+    report = SweepReport(parent, _with_costs(client, table), metric, mode, hyperparameters)
+    if report.best_run_id is None:
+        return report
+    report.plots = _plots(client, report)
+    report.samples = best_samples(client, report.best_run_id)
+    report.best_config = _artifact_text(client, report.best_run_id, "config.yaml")
+    return report
+
+
+# -- the views the driver logs -------------------------------------------------------------------------
+VIEW_TITLES = {"parallel_coordinates.png": "sampled hyperparameters vs metric",
+               "pareto.png": "metric vs cost (Pareto front)"}
+
+
+def render_views(table: pd.DataFrame, metric: str, mode: str, hyperparameters: list[str],
+                 folder: Path) -> None:
+    """Write ``parallel_coordinates.png`` and (when costs are known) ``pareto.png`` into ``folder``."""
+    if len(table) == 0:
+        return
+    column = f"best {metric}"
+    lb.render_parallel_coordinates(table, hyperparameters, column, mode, folder / "parallel_coordinates.png")
+    if lb.cost_axes(table):
+        lb.render_pareto(table, column, mode, folder / "pareto.png")
+
+
+def log_sweep_views(client: MlflowClient, parent_run_id: str) -> pd.DataFrame:
+    """At the end of a sweep: log every trial's cost to its child run, and to the parent run the
+    parallel-coordinates and Pareto plots (``leaderboard/``), the best trial's samples
+    (``best_trial/samples/``) and ``report.html``.
+
+    Returns:
+        The leaderboard read back from MLflow, now with the cost columns (``MACs/px``, ``latency ms``).
+    """
+    from deconvlab.sweep.tracking import child_runs
+
+    parent = client.get_run(parent_run_id)
+    children = child_runs(client, parent.info.experiment_id, parent_run_id)
+    cost.trial_costs(client, [run.info.run_id for run in children])
+    report = load_report(client, parent)
+    with tempfile.TemporaryDirectory() as folder:
+        for name in VIEW_TITLES:
+            if name in report.plots:
+                (Path(folder) / name).write_bytes(report.plots[name][1])
+        for epoch, images in report.samples.items():
+            (Path(folder) / "samples" / epoch).mkdir(parents=True)
+            for file, data in images.items():
+                (Path(folder) / "samples" / epoch / file).write_bytes(data)
+        for name in VIEW_TITLES:
+            if (Path(folder) / name).is_file():
+                client.log_artifact(parent_run_id, str(Path(folder) / name), "leaderboard")
+        if report.samples:
+            client.log_artifacts(parent_run_id, str(Path(folder) / "samples"), "best_trial/samples")
+    if len(report.table):
+        client.log_text(parent_run_id, render_html(report), "report.html")
+    return report.table
+
+
+# -- HTML ----------------------------------------------------------------------------------------------
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; font-size: 0.85em; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+th { background: #f0f0f0; } tr.best td { background: #fff6d5; font-weight: 600; }
+td.pareto { color: #b00; } img { max-width: 100%; border: 1px solid #ddd; }
+figure { margin: 1em 0; } figure.sample img { height: 160px; image-rendering: pixelated; }
+figcaption { font-size: 0.9em; color: #555; } .samples { display: flex; flex-wrap: wrap; gap: 0 1.5em; }
+pre { background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 0.8em; }
+.meta td { text-align: left; border: none; padding: 1px 8px; }
+"""
+
+
+def _img(data: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+
+def _cell(value) -> str:
+    if isinstance(value, str):
+        # Sampled values arrive as MLflow params (strings): show numbers at the table's precision.
+        try:
+            value = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:
+            return html.escape(value)
+    if isinstance(value, float):
+        return "" if value != value else f"{value:.4g}"
+    return html.escape(str(value))
+
+
+def _pareto_marks(report: SweepReport) -> list[bool]:
+    axes = lb.cost_axes(report.table)
+    if not axes:
+        return [False] * len(report.table)
+    costs = pd.to_numeric(report.table[axes[0]], errors="coerce").tolist()
+    values = pd.to_numeric(report.table[report.metric_column], errors="coerce").tolist()
+    return lb.pareto_front(costs, values, report.mode)
+
+
+def leaderboard_html(report: SweepReport) -> str:
+    """The leaderboard as an HTML table; the best trial highlighted, Pareto-optimal trials marked."""
+    table = report.table
+    axes = lb.cost_axes(table)
+    columns = [c for c in table.columns if c != "mlflow_run"] + ["run"]
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
+    pareto_head = f"<th>Pareto ({html.escape(axes[0])})</th>" if axes else ""
+    rows = []
+    for i, (row, on_front) in enumerate(zip(table.to_dict("records"), _pareto_marks(report), strict=True)):
+        cells = "".join(f"<td>{_cell(row[c])}</td>" for c in columns[:-1])
+        cells += f"<td><code>{_cell(row['mlflow_run'])[:8]}</code></td>"
+        mark = f'<td class="pareto">{"&#9733;" if on_front else ""}</td>' if axes else ""
+        rows.append(f'<tr class="{"best" if i == 0 else ""}">{cells}{mark}</tr>')
+    return f'<table id="leaderboard"><tr>{head}{pareto_head}</tr>{"".join(rows)}</table>'
+
+
+def _meta(report: SweepReport) -> str:
+    info, params = report.parent.info, report.parent.data.params
+    started = time.strftime("%Y-%m-%d %H:%M", time.localtime((info.start_time or 0) / 1000))
+    items = {"sweep": params.get("sweep.name", ""), "parent run": info.run_id, "status": info.status,
+             "started": started, "ranked by": f"{report.metric} ({report.mode})",
+             "search space": ", ".join(f"{k} = {params[f'search_space.{k}']}"
+                                       for k in report.hyperparameters),
+             "trials": str(len(report.table)), "best run": report.best_run_id or "none"}
+    return '<table class="meta">' + "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>"
+                                           for k, v in items.items()) + "</table>"
+
+
+def render_html(report: SweepReport) -> str:
+    """The report as one self-contained HTML page (inline CSS, base64 images, no scripts or links)."""
+    name = html.escape(report.parent.data.params.get("sweep.name", report.parent.info.run_name or "sweep"))
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>deconvlab sweep {name}</title>",
+             f"<style>{STYLE}</style></head><body>", f"<h1>Sweep {name}</h1>", _meta(report),
+             "<h2>Leaderboard</h2>", leaderboard_html(report),
+             "<p>MACs/px: multiply-accumulates of one forward pass per input pixel (convolutions and matrix "
+             "products; FFTs are not counted). Latency: median of 5 forward passes on one validation input, "
+             "measured in the sweep driver.</p>"]
+    for title, data in report.plots.values():
+        parts.append(f"<h2>{html.escape(title)}</h2><figure>{_img(data, title)}</figure>")
+    if report.samples:
+        best = html.escape(report.best_run_id or "")
+        parts.append(f"<h2>Best trial's samples</h2><p>run <code>{best}</code></p>")
+        for epoch, images in report.samples.items():
+            figures = "".join(f'<figure class="sample">{_img(data, f"{epoch}/{file}")}'
+                              f"<figcaption>{html.escape(file)}</figcaption></figure>"
+                              for file, data in images.items())
+            parts.append(f'<h3>{html.escape(epoch)}</h3><div class="samples">{figures}</div>')
+    if report.best_config:
+        parts.append(f"<h2>Best trial's config</h2><pre>{html.escape(report.best_config)}</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(source: str, output: str | Path, tracking_uri: str | None = None) -> Path:
+    """Write the HTML report of a sweep (by name or parent run id) to ``output``.
+
+    Args:
+        source: a sweep name (its latest parent run), a sweep file path, or a parent run id.
+        output: the HTML file to write (folders are created).
+        tracking_uri: the MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db).
+    """
+    client = MlflowClient(tracking.resolve_tracking_uri(tracking_uri))
+    report = load_report(client, find_parent_run(client, source))
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_html(report), encoding="utf-8")
+    return path
