@@ -136,7 +136,7 @@ def _check_mode(mode: str) -> str:
     return mode
 
 
-def _sweep_parent(client: MlflowClient, sweep: str):
+def sweep_parent(client: MlflowClient, sweep: str):
     experiment = client.get_experiment_by_name(f"sweep-{sweep}")
     parents = client.search_runs([experiment.experiment_id], f"tags.{TAG}role = 'parent'",
                                  order_by=["attributes.start_time DESC"]) if experiment else []
@@ -203,7 +203,7 @@ def select_candidate(client: MlflowClient, source: str, metric: str | None = Non
         return _from_run(client, run, metric, mode)
     # A sweep file's path (sweeps/NAME.yaml) names its sweep too.
     sweep = Path(source).stem if source.endswith((".yaml", ".yml")) else source
-    return _from_sweep(client, _sweep_parent(client, sweep), metric, mode)
+    return _from_sweep(client, sweep_parent(client, sweep), metric, mode)
 
 
 # -- promotion -----------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ class SweepReport:
 def find_parent_run(client: MlflowClient, source: str):
     """The parent run of a sweep given by sweep name (its latest run), parent run id, or a trial's run id."""
     from deconvlab.errors import UserError
-    from deconvlab.registry import RUN_ID_PATTERN, _sweep_parent, get_run
+    from deconvlab.registry import RUN_ID_PATTERN, get_run, sweep_parent
 
     if match := RUN_ID_PATTERN.match(source):
         run = get_run(client, match["run"])
@@ -75,7 +75,7 @@ def find_parent_run(client: MlflowClient, source: str):
             raise UserError(f"run {source} is not a sweep's parent run", "SWEEP",
                             "pass a sweep name or the parent run id that deconvlab sweep printed")
         return run
-    return _sweep_parent(client, Path(source).stem if source.endswith((".yaml", ".yml")) else source)
+    return sweep_parent(client, Path(source).stem if source.endswith((".yaml", ".yml")) else source)
 
 
 def _sweep_settings(parent) -> tuple[str, str, list[str]]:

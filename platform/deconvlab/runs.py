@@ -54,7 +54,9 @@ def mlflow_ui_command(tracking_uri: str | None, port: int) -> list[str]:
     """The ``mlflow ui`` command line serving the same store on 127.0.0.1."""
     mlflow_exe = shutil.which("mlflow") or f"{sys.executable} -m mlflow"
     uri = tracking.resolve_tracking_uri(tracking_uri)
-    command = [*mlflow_exe.split(), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
+    command = [*mlflow_exe.split(), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port),
+               # One worker: the default four take a minute to answer on a small, busy machine.
+               "--workers", "1"]
     if not uri.startswith("http"):
         command += ["--default-artifact-root", tracking.artifact_location()]
     return command

@@ -144,7 +144,8 @@ def _log_parent(client, run_id: str, spec: SweepSpec, overrides: Sequence[str], 
     client.log_artifact(run_id, spec.path, "sweep")
 
 
-def _log_leaderboard(client, run_id: str, table: pd.DataFrame, spec: SweepSpec) -> None:
+def _log_leaderboard(client, run_id: str, table: pd.DataFrame, spec: SweepSpec) -> pd.DataFrame:
+    """Log the leaderboard (with each trial's cost) and the sweep's views to the parent; return the table."""
     from deconvlab.report import log_sweep_views
 
     # Trial costs (MACs/px, latency) join the table; parallel coordinates, Pareto front, report.html.
@@ -161,6 +162,7 @@ def _log_leaderboard(client, run_id: str, table: pd.DataFrame, spec: SweepSpec) 
         client.set_tag(run_id, "deconvlab.best_trial", best["trial"])
         client.set_tag(run_id, "deconvlab.best_run_id", best["mlflow_run"])
         client.log_metric(run_id, f"best/{spec.metric}", float(best[f"best {spec.metric}"]))
+    return table
 
 
 def _print_leaderboard(table: pd.DataFrame, spec: SweepSpec, tracking_uri: str) -> None:
@@ -265,7 +267,7 @@ def run_sweep(name_or_path: str, overrides: Sequence[str] = (), address: str | N
         # Trials Ray gave up on (e.g. a lost node past max_failures) must not stay RUNNING.
         close_open_children(client, experiment_id, parent_id, "FAILED")
         table = lb.build_leaderboard(client, experiment_id, parent_id, spec.metric, spec.mode)
-        _log_leaderboard(client, parent_id, table, spec)
+        table = _log_leaderboard(client, parent_id, table, spec)
     if not quiet:
         _print_leaderboard(table, spec, uri)
     best = table.iloc[0] if len(table) else None
