@@ -44,7 +44,9 @@ def _assert_learns_and_is_tracked(cfg, result, metric_keys, tracking_uri):
     assert metric_keys <= set(run.data.metrics)
     assert run.data.params["trainer.max_epochs"] == str(cfg.trainer.max_epochs)
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
-    assert {"config.yaml", "checkpoints", "samples"} <= artifacts
+    assert {"config.yaml", "checkpoints", "samples", "model_summary.txt"} <= artifacts
+    assert run.data.metrics["cost/params"] == sum(p.numel() for p in trained.model.parameters())
+    assert run.data.metrics["cost/macs_per_pixel"] > 0
     history = client.get_metric_history(result.run_id, cfg.task.monitor)
     assert len(history) == cfg.trainer.max_epochs  # one value per epoch
 

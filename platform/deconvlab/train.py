@@ -87,6 +87,15 @@ def _fit_or_evaluate(trainer: pl.Trainer, task: BaseTask, datamodule: pl.Lightni
     return str(path)
 
 
+def _log_model_cost(client: MlflowClient, run_id: str, task: BaseTask, datamodule: pl.LightningDataModule) -> None:
+    """Parameters, MACs per pixel and latency on one validation input, plus ``model_summary.txt``."""
+    from deconvlab import cost
+
+    example = task.input_of(next(iter(datamodule.val_dataloader())))[:1].to(task.device)
+    model = task.model.eval()
+    cost.log_cost(client, run_id, cost.model_cost(model, example), model)
+
+
 @contextlib.contextmanager
 def _tracked(cfg: DictConfig) -> Iterator[tuple[MlflowClient | None, str | None]]:
     if not cfg.logger.get("enabled", True):
@@ -128,6 +137,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (),
             metrics[f"best/{task.monitor}"] = float(score)
         if run_id:
             client.log_metric(run_id, f"best/{task.monitor}", metrics.get(f"best/{task.monitor}", float("nan")))
+            _log_model_cost(client, run_id, task, datamodule)
             if best:
                 client.log_artifact(run_id, best, "checkpoints")
                 client.set_tag(run_id, "deconvlab.best_checkpoint", f"checkpoints/{Path(best).name}")
