@@ -1,0 +1,364 @@
+"""BraTS MRI volumes as class-balanced, voxel-centred patches (with a downsampled context patch).
+
+Layout of a root folder (``../shared/data/brats``; any folder laid out like it via ``data.root``)::
+
+    <root>/<split>/<case>/flair.nii.gz, t1c.nii.gz, ...   one file per modality
+    <root>/<split>/<case>/otmulticlass.nii.gz             labels 0..4 (BraTS: 1 necrosis, 2 edema,
+                                                          3 non-enhancing, 4 enhancing)
+    <root>/<split>/<case>/brainmask.nii.gz                 0/1
+
+``root: null`` is the fresh-install default: synthetic phantoms (:mod:`deconvlab.data.phantom`).
+
+Each case is decoded and normalised ONCE (z-score inside the brain mask, 0 outside) and kept in a
+process-wide cache; patches are then plain slices of the cached, padded array.
+
+Patch layouts (the model contract is one input tensor):
+
+* ``patch_dims=3`` (DeepMedic-like): ``[2C, S, S, S]``: channels ``0..C-1`` are the S^3 patch around
+  the centre voxel; channels ``C..2C-1`` are the context patch, the ``(f*S)^3`` region around the same
+  centre averaged over ``f^3`` blocks down to ``S^3`` (``f = context_factor``, odd, so the centre block
+  is centred on the centre voxel). ``context_factor=1`` drops the context channels: ``[C, S, S, S]``.
+* ``patch_dims=2`` (Havaei two-pathway, 2-D or 2.5-D): ``[C * slices, S, S]`` in the plane of axes
+  0 and 1; channel ``c * slices + k`` is modality ``c`` at slice offset ``k - slices // 2`` on axis 2.
+
+The label of a patch is its centre voxel's class (``[B]`` long in a batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from deconvlab.errors import UserError
+
+LABEL_FILE, MASK_FILE = "otmulticlass", "brainmask"
+NIFTI_SUFFIX = ".nii.gz"
+
+
+@dataclass
+class Case:
+    """One normalised volume.
+
+    Attributes:
+        name: case folder name.
+        image: ``[C, D, H, W]`` float32, z-scored inside the brain, 0 outside.
+        label: ``[D, H, W]`` uint8.
+        brain: ``[D, H, W]`` bool.
+        affine: the 4x4 voxel-to-world matrix of the label file (identity for phantoms).
+    """
+
+    name: str
+    image: np.ndarray
+    label: np.ndarray
+    brain: np.ndarray
+    affine: np.ndarray
+
+
+# ------------------------------------------------------------------------------------------- reading
+def _load_nifti(path: Path, dtype: type) -> tuple[np.ndarray, np.ndarray]:
+    import nibabel as nib
+
+    if not path.is_file():
+        raise UserError(f"missing file {path.name}", str(path),
+                        "every case folder needs each modality, the label and the brain mask as .nii.gz")
+    try:
+        image = nib.load(str(path))
+        data = np.asarray(image.dataobj, dtype=dtype)
+    except Exception as error:  # nibabel raises several types for truncated or foreign files
+        raise UserError(f"cannot read NIfTI file: {error}", str(path),
+                        "check that the file is a valid .nii.gz") from error
+    data = np.squeeze(data)
+    if data.ndim != 3:
+        raise UserError(f"expected a 3-D volume, got shape {data.shape}", str(path),
+                        "give one 3-D volume per file (no 2-D slices, no 4-D series)")
+    return data, image.affine
+
+
+def normalise_in_mask(volume: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Z-score ``volume`` with the mean and std of its voxels inside ``mask``; 0 outside.
+
+    MRI intensities are arbitrary per scanner and scan, so only statistics inside the brain are
+    meaningful; the background would dominate them otherwise.
+    """
+    inside = volume[mask]
+    std = float(inside.std()) if inside.size else 1.0
+    out = (volume - (float(inside.mean()) if inside.size else 0.0)) / max(std, 1e-6)
+    return np.where(mask, out, 0.0).astype(np.float32)
+
+
+def read_case(folder: Path, modalities: Sequence[str], num_classes: int = 5) -> Case:
+    """Read, check and normalise one case folder.
+
+    Raises:
+        UserError: naming the file at fault for a missing modality, a non-3-D volume, shapes or
+            affines that disagree, or label values outside ``0..num_classes-1``.
+    """
+    label, affine = _load_nifti(folder / f"{LABEL_FILE}{NIFTI_SUFFIX}", np.float32)
+    files = [folder / f"{m}{NIFTI_SUFFIX}" for m in modalities] + [folder / f"{MASK_FILE}{NIFTI_SUFFIX}"]
+    volumes = []
+    for path in files:
+        data, other_affine = _load_nifti(path, np.float32)
+        if data.shape != label.shape:
+            raise UserError(f"shape {data.shape} differs from the label's {label.shape}", str(path),
+                            "all modalities, label and mask of a case must be co-registered on one grid")
+        if not np.allclose(other_affine, affine, atol=1e-3):
+            raise UserError("affine differs from the label file's affine", str(path),
+                            "resample all volumes of a case to the same grid")
+        volumes.append(data)
+    values = np.unique(label)
+    if not np.all(np.isin(values, np.arange(num_classes))):
+        raise UserError(f"label values {values.tolist()} outside 0..{num_classes - 1}",
+                        str(folder / f"{LABEL_FILE}{NIFTI_SUFFIX}"),
+                        "use BraTS labels 0-4 or set data.num_classes")
+    brain = volumes.pop() > 0
+    image = np.stack([normalise_in_mask(v, brain) for v in volumes])
+    return Case(folder.name, image, label.astype(np.uint8), brain, affine)
+
+
+_CASE_CACHE: dict[tuple, Case] = {}
+
+
+def load_case(folder: Path, modalities: Sequence[str], num_classes: int = 5) -> Case:
+    """:func:`read_case` through a process-wide cache (decoding a .nii.gz takes ~0.3 s per file)."""
+    label_path = folder / f"{LABEL_FILE}{NIFTI_SUFFIX}"
+    stamp = label_path.stat().st_mtime_ns if label_path.exists() else 0
+    key = (str(folder.resolve()), tuple(modalities), num_classes, stamp)
+    if key not in _CASE_CACHE:
+        _CASE_CACHE[key] = read_case(folder, modalities, num_classes)
+    return _CASE_CACHE[key]
+
+
+def list_cases(root: Path, split: str) -> list[Path]:
+    """Case folders of ``<root>/<split>``, sorted; a clear error if there are none."""
+    folder = root / split
+    cases = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    if not cases:
+        raise UserError(f"no case folders in {folder}", "data.root",
+                        f"point data.root at a folder with {split}/<case>/ sub-folders, or null for phantoms")
+    return cases
+
+
+def phantom_cases(count: int, first_seed: int, size: int) -> list[Case]:
+    """Synthetic phantom cases (the fresh-install default), brain = nonzero voxels."""
+    from deconvlab.data.phantom import make_phantom
+
+    cases = []
+    for i in range(count):
+        image, label = make_phantom(size, first_seed + i)
+        cases.append(Case(f"phantom{first_seed + i}", image, label, np.any(image != 0, axis=0), np.eye(4)))
+    return cases
+
+
+# ------------------------------------------------------------------------------------------ patches
+@dataclass(frozen=True)
+class PatchGeometry:
+    """How a patch is cut around a centre voxel (see the module docstring for the layouts)."""
+
+    patch_dims: int = 3
+    patch_size: int = 9
+    context_factor: int = 3
+    slices: int = 1
+
+    def __post_init__(self) -> None:
+        if self.patch_dims not in (2, 3):
+            raise UserError(f"patch_dims must be 2 or 3, got {self.patch_dims}", "data.patch_dims")
+        for key, value in (("patch_size", self.patch_size), ("context_factor", self.context_factor),
+                           ("slices", self.slices)):
+            if value < 1 or value % 2 == 0:
+                raise UserError(f"{key} must be odd and >= 1 (a patch is centred on a voxel), got {value}",
+                                f"data.{key}")
+
+    @property
+    def margin(self) -> int:
+        """Voxels needed on each side of a centre (the padding that keeps every centre valid)."""
+        if self.patch_dims == 2:
+            return max(self.patch_size // 2, self.slices // 2)
+        return (self.context_factor * self.patch_size) // 2
+
+    def channels(self, modalities: int) -> int:
+        if self.patch_dims == 2:
+            return modalities * self.slices
+        return modalities * (2 if self.context_factor > 1 else 1)
+
+
+def pad_image(image: np.ndarray, margin: int) -> np.ndarray:
+    """Zero-pad the spatial axes (0 is the normalised value outside the brain)."""
+    return np.pad(image, [(0, 0)] + [(margin, margin)] * (image.ndim - 1))
+
+
+def extract_patch(padded: np.ndarray, centre: Sequence[int], geometry: PatchGeometry) -> np.ndarray:
+    """The model input around ``centre`` (unpadded voxel coordinates) from an image padded by
+    ``geometry.margin``."""
+    c = np.asarray(centre) + geometry.margin
+    h = geometry.patch_size // 2
+    if geometry.patch_dims == 2:
+        k = geometry.slices // 2
+        block = padded[:, c[0] - h:c[0] + h + 1, c[1] - h:c[1] + h + 1, c[2] - k:c[2] + k + 1]
+        return np.ascontiguousarray(block.transpose(0, 3, 1, 2).reshape(-1, block.shape[1], block.shape[2]))
+    local = padded[:, c[0] - h:c[0] + h + 1, c[1] - h:c[1] + h + 1, c[2] - h:c[2] + h + 1]
+    if geometry.context_factor == 1:
+        return np.ascontiguousarray(local)
+    f, s, big = geometry.context_factor, geometry.patch_size, geometry.margin
+    region = padded[:, c[0] - big:c[0] + big + 1, c[1] - big:c[1] + big + 1, c[2] - big:c[2] + big + 1]
+    context = region.reshape(-1, s, f, s, f, s, f).mean(axis=(2, 4, 6))
+    return np.concatenate([local, context.astype(np.float32)])
+
+
+class CentredPatchDataset(Dataset):
+    """Patches around given centre voxels; each item is ``{"image": patch, "label": centre class}``.
+
+    Args:
+        cases: the volumes.
+        centres: ``[N, 4]`` int array of (case index, z, y, x).
+        geometry: how patches are cut.
+    """
+
+    def __init__(self, cases: Sequence[Case], centres: np.ndarray, geometry: PatchGeometry) -> None:
+        self.cases, self.centres, self.geometry = list(cases), centres, geometry
+        # Padded once per case, shared by all patches: extraction is then pure slicing.
+        self.padded = [pad_image(case.image, geometry.margin) for case in self.cases]
+
+    def __len__(self) -> int:
+        return len(self.centres)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        case, *centre = (int(v) for v in self.centres[index])
+        patch = extract_patch(self.padded[case], centre, self.geometry)
+        label = int(self.cases[case].label[tuple(centre)])
+        return {"image": torch.from_numpy(patch), "label": torch.tensor(label, dtype=torch.long)}
+
+
+def sample_balanced_centres(cases: Sequence[Case], count: int, label_fractions: Sequence[float],
+                            seed: int) -> np.ndarray:
+    """Centre voxels whose labels follow ``label_fractions`` (background = brain voxels of label 0).
+
+    A label is drawn first, then a case holding it, then one of its voxels, so rare labels get the
+    share configured for them rather than their share of the volume. Labels absent from every case
+    have their share spread over the others.
+
+    Returns:
+        ``[count, 4]`` int64 array of (case index, z, y, x).
+    """
+    rng = np.random.default_rng(seed)
+    pools = [[np.flatnonzero((c.label == k) & (c.brain if k == 0 else True)) for c in cases]
+             for k in range(len(label_fractions))]
+    fractions = np.array([f if any(p.size for p in pools[k]) else 0.0 for k, f in enumerate(label_fractions)])
+    if fractions.sum() <= 0:
+        raise UserError("no voxel of any sampled label in the cases", "data.label_fractions")
+    labels = rng.choice(len(fractions), size=count, p=fractions / fractions.sum())
+    centres = np.empty((count, 4), np.int64)
+    for i, k in enumerate(labels):
+        holders = [j for j, p in enumerate(pools[k]) if p.size]
+        case = holders[rng.integers(len(holders))]
+        flat = pools[k][case][rng.integers(pools[k][case].size)]
+        centres[i] = (case, *np.unravel_index(flat, cases[case].label.shape))
+    return centres
+
+
+def sample_uniform_centres(cases: Sequence[Case], count: int, seed: int) -> np.ndarray:
+    """Centre voxels drawn uniformly inside the brains (the natural class mix, for validation Dice)."""
+    rng = np.random.default_rng(seed)
+    sizes = np.array([c.brain.sum() for c in cases], np.float64)
+    which = rng.choice(len(cases), size=count, p=sizes / sizes.sum())
+    centres = np.empty((count, 4), np.int64)
+    for j, case in enumerate(cases):
+        rows = np.flatnonzero(which == j)
+        pool = np.flatnonzero(case.brain)
+        picked = pool[rng.integers(pool.size, size=rows.size)]
+        centres[rows, 0] = j
+        centres[rows, 1:] = np.stack(np.unravel_index(picked, case.label.shape), axis=1)
+    return centres
+
+
+# --------------------------------------------------------------------------------------- datamodule
+class BratsDataModule(pl.LightningDataModule):
+    """Voxel-centred patches of BraTS cases (or synthetic phantoms) for the volumetric task.
+
+    Training patches are class-balanced by the plan's ``label_fractions`` (or the ones given);
+    validation patches are centred on voxels drawn uniformly inside the brain, so the task's Dice
+    over them estimates the volume Dice. ``plan_dir`` receives ``patch_plan.json``.
+
+    Args:
+        root: a folder laid out as in the module docstring; None = synthetic phantoms.
+        split: the split val/test dataloaders read ("validation" on disk is accepted for "val").
+        modalities: modality file stems, in channel order.
+        patch_dims, patch_size, context_factor, slices: patch geometry (see :class:`PatchGeometry`).
+        tumour_fraction: share of training patches centred on tumour voxels.
+        label_fractions: explicit per-label shares; None derives them in the plan.
+        samples_per_epoch, eval_samples: training / validation patches.
+        phantom_cases, phantom_size: number and side of phantom cases per split when ``root`` is None.
+        plan_dir: where to write the plan (the run's output folder); None writes nothing.
+    """
+
+    def __init__(self, root: str | None = None, split: str = "val",
+                 modalities: Sequence[str] = ("flair", "t1c"),
+                 patch_dims: int = 3, patch_size: int = 9, context_factor: int = 3, slices: int = 1,
+                 tumour_fraction: float = 0.5, label_fractions: Sequence[float] | None = None,
+                 samples_per_epoch: int = 2048, eval_samples: int = 2048, batch_size: int = 64,
+                 num_workers: int = 0, seed: int = 0, num_classes: int = 5, ignore_index: int = -100,
+                 in_channels: int | None = None, phantom_cases: int = 3, phantom_size: int = 32,
+                 plan_dir: str | None = None) -> None:
+        super().__init__()
+        self.root, self.split, self.modalities = root, split, tuple(modalities)
+        self.geometry = PatchGeometry(patch_dims, patch_size, context_factor, slices)
+        self.tumour_fraction, self.label_fractions = tumour_fraction, label_fractions
+        self.samples_per_epoch, self.eval_samples = samples_per_epoch, eval_samples
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        modality_count = len(self.modalities) if root is not None else 2
+        self.in_channels = self.geometry.channels(modality_count)
+        if in_channels is not None and in_channels != self.in_channels:
+            raise UserError(f"data.in_channels={in_channels} but the patch layout gives {self.in_channels} "
+                            f"channels", "data.in_channels", "leave it null (derived) or fix the geometry")
+        self.phantom_cases, self.phantom_size, self.plan_dir = phantom_cases, phantom_size, plan_dir
+        self.plan: dict | None = None
+        self.train_set: CentredPatchDataset | None = None
+        self.eval_set: CentredPatchDataset | None = None
+
+    def cases(self, split: str) -> list[Case]:
+        """The normalised cases of ``split`` ("train", "val"/"validation" or "test")."""
+        if self.root is None:
+            offset = {"train": 0, "val": 5_000, "validation": 5_000, "test": 7_500}[split]
+            return phantom_cases(self.phantom_cases, self.seed * 10_000 + offset, self.phantom_size)
+        root = Path(self.root)
+        folder = split if (root / split).is_dir() or split != "val" else "validation"
+        return [load_case(p, self.modalities, self.num_classes) for p in list_cases(root, folder)]
+
+    def _make_plan(self, cases: list[Case]) -> dict:
+        from deconvlab.data.planning import plan_cases, write_plan
+
+        g = self.geometry
+        plan = plan_cases(cases, g.patch_dims, g.patch_size, g.context_factor, self.tumour_fraction,
+                          self.num_classes)
+        if self.label_fractions is not None:
+            plan["label_fractions"] = [float(f) for f in self.label_fractions]
+        if self.plan_dir is not None:
+            write_plan(plan, self.plan_dir)
+        return plan
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self.train_set is None:
+            cases = self.cases("train")
+            self.plan = self._make_plan(cases)
+            centres = sample_balanced_centres(cases, self.samples_per_epoch, self.plan["label_fractions"],
+                                              self.seed)
+            self.train_set = CentredPatchDataset(cases, centres, self.geometry)
+        if self.eval_set is None:
+            cases = self.cases(self.split)
+            centres = sample_uniform_centres(cases, self.eval_samples, self.seed + 1)
+            self.eval_set = CentredPatchDataset(cases, centres, self.geometry)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True,
+                          num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.eval_set, batch_size=self.batch_size, num_workers=self.num_workers)
+
+    test_dataloader = val_dataloader

@@ -1,0 +1,155 @@
+"""BraTS reader, normalisation, cache, planning and class-balanced voxel-centred sampling."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import shared_data
+from deconvlab.data import brats
+from deconvlab.data.brats import (
+    BratsDataModule,
+    PatchGeometry,
+    extract_patch,
+    load_case,
+    pad_image,
+    phantom_cases,
+    read_case,
+    sample_balanced_centres,
+)
+from deconvlab.data.phantom import make_phantom
+from deconvlab.errors import UserError
+
+AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])
+AFFINE[:3, 3] = [90, 120, -70]
+
+
+def write_case(folder: Path, seed: int = 0, size: int = 20) -> None:
+    """A phantom written as a BraTS case folder, with a scanner-like intensity range."""
+    image, label = make_phantom(size, seed)
+    folder.mkdir(parents=True)
+    brain = np.any(image != 0, axis=0)
+    for name, data in (("flair", image[0] * 120 + 400), ("t1c", image[1] * 80 + 250),
+                       ("otmulticlass", label), ("brainmask", brain.astype(np.uint8))):
+        dtype = np.float32 if data.dtype.kind == "f" else np.uint8
+        nib.save(nib.Nifti1Image(np.asarray(data, dtype), AFFINE), str(folder / f"{name}.nii.gz"))
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    for split, seeds in (("train", (0, 1)), ("validation", (2,))):
+        for seed in seeds:
+            write_case(tmp_path / split / f"case{seed}", seed)
+    return tmp_path
+
+
+def test_read_case_normalises_inside_the_brain(root):
+    case = read_case(root / "train" / "case0", ["flair", "t1c"])
+    assert case.image.shape == (2, 20, 20, 20) and case.image.dtype == np.float32
+    inside = case.image[:, case.brain]
+    np.testing.assert_allclose(inside.mean(axis=1), 0, atol=1e-4)
+    np.testing.assert_allclose(inside.std(axis=1), 1, atol=1e-3)
+    assert not case.image[:, ~case.brain].any()
+    np.testing.assert_array_equal(case.affine, AFFINE)
+
+
+def test_each_case_is_decoded_once(root, monkeypatch):
+    calls = []
+    original = brats.read_case
+    monkeypatch.setattr(brats, "read_case", lambda *a, **k: calls.append(a) or original(*a, **k))
+    monkeypatch.setattr(brats, "_CASE_CACHE", {})
+    first = load_case(root / "train" / "case0", ["flair", "t1c"])
+    assert load_case(root / "train" / "case0", ["flair", "t1c"]) is first and len(calls) == 1
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: (f / "t1c.nii.gz").unlink(), "t1c.nii.gz"),
+    (lambda f: nib.save(nib.Nifti1Image(np.zeros((20, 20, 19), np.float32), AFFINE), str(f / "flair.nii.gz")),
+     "flair.nii.gz"),
+    (lambda f: nib.save(nib.Nifti1Image(np.zeros((20,) * 3, np.float32), np.eye(4)), str(f / "t1c.nii.gz")),
+     "t1c.nii.gz"),
+    (lambda f: nib.save(nib.Nifti1Image(np.full((20,) * 3, 7, np.uint8), AFFINE),
+                        str(f / "otmulticlass.nii.gz")),
+     "otmulticlass.nii.gz"),
+    (lambda f: nib.save(nib.Nifti1Image(np.zeros((20, 20), np.float32), np.eye(4)), str(f / "flair.nii.gz")),
+     "flair.nii.gz"),
+])
+def test_bad_cases_name_the_file(root, damage, message):
+    folder = root / "train" / "case0"
+    damage(folder)
+    with pytest.raises(UserError, match=message):
+        read_case(folder, ["flair", "t1c"])
+
+
+def test_patch_layouts_match_an_independent_cut():
+    image = np.random.default_rng(0).standard_normal((2, 30, 31, 32)).astype(np.float32)
+    centre = (4, 20, 17)
+    geometry = PatchGeometry(3, 5, 3)
+    patch = extract_patch(pad_image(image, geometry.margin), centre, geometry)
+    assert patch.shape == (4, 5, 5, 5)
+    np.testing.assert_array_equal(patch[:2, 2, 2, 2], image[:, 4, 20, 17])
+    # Context: the 15^3 region around the centre (zero outside), 3x3x3 average pooling.
+    padded = np.pad(image, [(0, 0)] + [(7, 7)] * 3)
+    region = torch.from_numpy(padded[:, 4:19, 20:35, 17:32])
+    np.testing.assert_allclose(patch[2:], F.avg_pool3d(region[None], 3)[0].numpy(), atol=1e-6)
+
+    flat = PatchGeometry(2, 5, 1, slices=3)
+    patch = extract_patch(pad_image(image, flat.margin), centre, flat)
+    assert patch.shape == (6, 5, 5)
+    np.testing.assert_array_equal(patch[1], image[0, 2:7, 18:23, 17])  # modality 0, centre slice
+    np.testing.assert_array_equal(patch[5], image[1, 2:7, 18:23, 18])  # modality 1, slice +1
+
+
+def test_sampler_follows_the_configured_label_shares():
+    cases = phantom_cases(2, 0, 24)
+    fractions = [0.4, 0.3, 0.1, 0.1, 0.1]
+    centres = sample_balanced_centres(cases, 5000, fractions, seed=0)
+    labels = np.array([cases[c].label[z, y, x] for c, z, y, x in centres])
+    np.testing.assert_allclose(np.bincount(labels, minlength=5) / len(labels), fractions, atol=0.02)
+    background = centres[labels == 0]
+    assert all(cases[c].brain[z, y, x] for c, z, y, x in background)  # background is brain, not air
+
+
+def test_datamodule_plans_writes_the_plan_and_yields_centre_labels(root, tmp_path):
+    module = BratsDataModule(root=str(root), patch_size=5, context_factor=3, samples_per_epoch=64,
+                             eval_samples=32,
+                             batch_size=16, plan_dir=str(tmp_path / "run"))
+    module.setup("fit")
+    plan = json.loads((tmp_path / "run" / "patch_plan.json").read_text())
+    assert plan["cases"] == ["case0", "case1"] and plan["spacing_mm"][0] == [1.0, 1.0, 1.0]
+    assert plan["label_fractions"][0] == pytest.approx(0.5)
+    assert sum(plan["label_fractions"]) == pytest.approx(1)
+    batch = next(iter(module.train_dataloader()))
+    assert batch["image"].shape == (16, 4, 5, 5, 5) and batch["label"].shape == (16,)
+    assert module.in_channels == 4 and len(module.eval_set) == 32
+    assert [c.name for c in module.cases("val")] == ["case2"]  # "val" reads the validation/ folder
+
+
+def test_phantom_default_needs_no_files():
+    module = BratsDataModule(root=None, patch_dims=2, patch_size=9, context_factor=1, slices=3,
+                             samples_per_epoch=32, eval_samples=16, phantom_cases=1, phantom_size=20)
+    module.setup("fit")
+    batch = next(iter(module.train_dataloader()))
+    assert batch["image"].shape[1:] == (6, 9, 9) and module.in_channels == 6
+    assert module.plan["label_fractions"][1:] == pytest.approx([0.125] * 4)
+
+
+@pytest.mark.data
+@pytest.mark.slow  # decodes 4 NIfTI volumes (~4 s alone, more on a busy machine)
+def test_real_brats_cases_read_and_plan(tmp_path):
+    root = shared_data("brats")
+    module = BratsDataModule(root=str(root), samples_per_epoch=256, eval_samples=64, plan_dir=str(tmp_path))
+    module.setup("fit")
+    case = module.train_set.cases[0]
+    assert case.image.shape[0] == 2 and case.image.shape[1:] == case.label.shape
+    assert set(np.unique(case.label)) <= {0, 1, 2, 3, 4}
+    np.testing.assert_allclose(case.image[:, case.brain].mean(axis=1), 0, atol=1e-3)
+    labels = np.array([module.train_set[i]["label"].item() for i in range(256)])
+    assert 0.35 < (labels > 0).mean() < 0.65  # half the patches centred on tumour
+    assert (tmp_path / "patch_plan.json").exists()

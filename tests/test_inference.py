@@ -1,0 +1,119 @@
+"""Whole-volume inference: dense equals per-voxel, ensembles average, clean-up, metrics, NIfTI output."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from deconvlab.inference import (
+    clean_up,
+    dense_probabilities,
+    hausdorff95,
+    per_voxel_probabilities,
+    region_metrics,
+    save_segmentation,
+)
+from deconvlab.models.mri import DualPathwayCNN3d, TwoPathCNN
+
+
+@pytest.fixture
+def nets() -> list[torch.nn.Module]:
+    torch.manual_seed(0)
+    return [DualPathwayCNN3d(2, 5, widths=[4, 4, 4], context_factor=3, fc_width=8).eval(),
+            TwoPathCNN(6, 5, local_width=4, global_width=6).eval()]
+
+
+@pytest.fixture
+def volume() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((2, 8, 9, 7)).astype(np.float32)
+
+
+def test_dense_inference_equals_per_voxel_patch_classification(nets, volume):
+    every_voxel = np.argwhere(np.ones(volume.shape[1:], bool))
+    for net in nets:
+        dense = dense_probabilities(net, volume, tile=5)  # tiles that do not divide the volume
+        naive = per_voxel_probabilities(net, volume, every_voxel)
+        np.testing.assert_allclose(dense.reshape(5, -1).T, naive, atol=1e-5)
+        np.testing.assert_array_equal(dense.argmax(0).ravel(), naive.argmax(1))
+
+
+def test_ensemble_is_the_mean_of_its_members(nets, volume):
+    together = dense_probabilities(nets, volume, tile=8)
+    apart = [dense_probabilities(net, volume, tile=8) for net in nets]
+    np.testing.assert_allclose(together, np.mean(apart, axis=0), atol=1e-6)
+    np.testing.assert_allclose(together.sum(0), 1.0, atol=1e-5)
+
+
+def test_tiles_outside_the_mask_are_background(nets, volume):
+    mask = np.zeros(volume.shape[1:], bool)
+    mask[:4, :4, :4] = True
+    probabilities = dense_probabilities(nets[0], volume, tile=4, mask=mask)
+    assert (probabilities[0, 4:, 4:, 4:] == 1).all()
+    unmasked = dense_probabilities(nets[0], volume, tile=4)
+    np.testing.assert_allclose(probabilities[:, :4, :4, :4], unmasked[:, :4, :4, :4])
+
+
+def _tumour() -> np.ndarray:
+    label = np.zeros((30, 30, 30), np.uint8)
+    grid = np.indices(label.shape)
+    radius = np.sqrt(((grid - 15) ** 2).sum(0))
+    label[radius <= 9] = 2
+    label[radius <= 6] = 4
+    label[radius <= 3] = 1
+    return label
+
+
+def test_clean_up_removes_a_planted_blob_and_fills_a_planted_hole():
+    truth = _tumour()
+    predicted = truth.copy()
+    predicted[1:3, 1:3, 1:3] = 4  # isolated false positive far from the tumour
+    predicted[14:17, 14:17, 14:17] = 0  # hole inside the necrotic core
+    predicted[15, 15, 22] = 0  # a one-voxel hole in the edema
+    cleaned = clean_up(predicted)
+    assert not cleaned[1:3, 1:3, 1:3].any()
+    assert (cleaned[14:17, 14:17, 14:17] == 1).all() and cleaned[15, 15, 22] == 2
+    before, after = region_metrics(predicted, truth), region_metrics(cleaned, truth)
+    assert after["dice_whole"] > before["dice_whole"] and after["dice_core"] > before["dice_core"]
+    assert after["dice_whole"] == pytest.approx(1.0)
+
+
+def test_clean_up_stays_inside_the_brain_and_keeps_large_second_foci():
+    label = np.zeros((20, 20, 40), np.uint8)
+    label[5:10, 5:10, 5:10] = 2
+    label[5:10, 5:10, 25:29] = 4  # a second focus, 4/5 the size of the first: kept
+    brain = np.ones(label.shape, bool)
+    brain[:, :, 28:] = False
+    cleaned = clean_up(label, brain)
+    assert (cleaned[5:10, 5:10, 25:28] == 4).all() and not cleaned[:, :, 28:].any()
+
+
+def test_region_metrics_match_a_hand_computation():
+    truth = np.array([0, 2, 2, 1, 4, 4, 0, 3])
+    predicted = np.array([2, 2, 0, 4, 4, 1, 0, 0])
+    metrics = region_metrics(predicted, truth)
+    # whole {1,2,3,4}: predicted at 0,1,3,4,5; truth at 1,2,3,4,5,7; overlap 1,3,4,5 -> 2*4/(5+6)
+    assert metrics["dice_whole"] == pytest.approx(8 / 11)
+    assert metrics["sensitivity_whole"] == pytest.approx(4 / 6)
+    # core {1,3,4}: predicted 3,4,5; truth 3,4,5,7 -> 2*3/7; enhancing {4}: predicted 3,4; truth 4,5 -> 2*1/4
+    assert metrics["dice_core"] == pytest.approx(6 / 7) and metrics["dice_enhancing"] == pytest.approx(0.5)
+
+
+def test_hausdorff95_of_two_points_is_their_distance():
+    a, b = np.zeros((10, 10, 10), bool), np.zeros((10, 10, 10), bool)
+    a[1, 1, 1], b[4, 5, 1] = True, True
+    assert hausdorff95(a, b) == pytest.approx(5.0)
+    assert hausdorff95(a, np.zeros_like(a)) == float("inf")
+    ball = ndimage.binary_dilation(a, iterations=2)
+    assert hausdorff95(ball, ball.copy()) == 0
+
+
+def test_saved_segmentation_keeps_the_input_affine(tmp_path):
+    affine = np.array([[-1.0, 0, 0, 90], [0, -1.0, 0, 126], [0, 0, 1.0, -72], [0, 0, 0, 1]])
+    label = _tumour()
+    path = save_segmentation(label, affine, tmp_path / "out" / "seg.nii.gz")
+    reloaded = nib.load(str(path))
+    np.testing.assert_array_equal(reloaded.affine, affine)
+    np.testing.assert_array_equal(np.asarray(reloaded.dataobj), label)
