@@ -12,6 +12,7 @@ TASK_CASES = {
                     {"val/psnr", "val/ssim", "val/psnr_input", "val/loss", "train/loss_epoch"}),
     "reconstruction": (["experiment=autoencoder_fc", "data.max_samples=512", "optim.lr=3e-3"],
                        {"val/mse", "val/bce", "val/loss", "model/num_params"}),
+    "segmentation": (["experiment=fcn8s_shapes"], {"val/miou", "val/pixel_acc", "val/class_acc"}),
     "volumetric": (["experiment=phantom_tinyvol", "data.volume_size=24", "data.patch_size=12", "optim.lr=1e-2",
                     "trainer.max_epochs=3", "trainer.limit_train_batches=8"],
                    {"val/dice_whole", "val/dice_core", "val/dice_enhancing", "val/dice_mean"}),
