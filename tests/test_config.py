@@ -58,3 +58,8 @@ def test_cli_prints_composed_config(capsys):
     assert main(["train", "--cfg", "job", "experiment=quickstart", "trainer.max_epochs=7"]) == 0
     out = capsys.readouterr().out
     assert "name: quickstart" in out and "max_epochs: 7" in out
+
+
+def test_cli_quiet_turns_progress_bars_off(capsys):
+    assert main(["train", "--quiet", "--cfg", "job", "experiment=quickstart"]) == 0
+    assert "enable_progress_bar: false" in capsys.readouterr().out

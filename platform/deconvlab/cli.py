@@ -28,7 +28,8 @@ def _quiet_environment() -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from deconvlab.config import compose_config
 
-    cfg = compose_config(args.overrides)
+    quiet = ["trainer.enable_progress_bar=false"] if args.quiet else []
+    cfg = compose_config([*args.overrides, *quiet])
     if args.cfg:
         from omegaconf import OmegaConf
 
@@ -183,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Hydra overrides, e.g. experiment=quickstart optim.lr=1e-3")
     train.add_argument("--cfg", choices=["job"], help="print the composed config and exit")
     train.add_argument("--resolve", action="store_true", help="with --cfg: resolve interpolations")
+    train.add_argument("--quiet", action="store_true", help="no progress bars (for scripts and logs)")
     train.set_defaults(func=cmd_train)
 
     sweep = sub.add_parser("sweep",
