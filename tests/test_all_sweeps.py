@@ -29,4 +29,4 @@ def test_smoke_sweep_runs_and_promotes(name, ray_cluster, tmp_path, tracking_uri
     runs = client.search_runs([client.get_experiment_by_name(outcome.experiment_name).experiment_id])
     assert len(runs) == len(outcome.leaderboard) + 1 and all(r.info.status == "FINISHED" for r in runs)
     promotion = promote(outcome.parent_run_id, f"{name}-smoke")
-    assert promotion.moved and client.get_model_version_by_alias(f"{name}-smoke", "champion").version == "1"
+    assert promotion.moved and str(client.get_model_version_by_alias(f"{name}-smoke", "champion").version) == "1"
