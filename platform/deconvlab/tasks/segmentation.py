@@ -53,6 +53,13 @@ class SegmentationTask(BaseTask):
         weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
         self.register_buffer("class_weights", weights, persistent=False)
         self.palette = np.asarray(palette, np.uint8) if palette is not None else default_palette(num_classes)
+        self._palette_given = palette is not None
+
+    def setup(self, stage: str) -> None:
+        # A data set's own palette (e.g. CamVid's palette file) wins over generated colours.
+        palette = getattr(getattr(self.trainer, "datamodule", None), "palette", None)
+        if not self._palette_given and palette is not None:
+            self.palette = np.asarray(palette, np.uint8)
 
     def build_metrics(self) -> MetricCollection:
         k, ignore = self.num_classes, self.ignore_index
