@@ -55,6 +55,14 @@ def compose(tracking_uri: str) -> Callable[..., DictConfig]:  # noqa: F821
     return _compose
 
 
+def start_local_ray() -> None:
+    """A 2-CPU local Ray for tests; reuses one a previous test (or run_sweep) left running."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
+             ignore_reinit_error=True)
+
+
 def shared_data(*parts: str) -> Path:
     """A path under ../shared/data, skipping the test when it is absent."""
     path = SHARED_DATA.joinpath(*parts)

@@ -3,6 +3,7 @@
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import start_local_ray
 from deconvlab.sweep.spec import sweeps_dir
 
 pytestmark = pytest.mark.slow
@@ -14,7 +15,7 @@ SWEEPS = sorted(p.stem for p in sweeps_dir().glob("*.yaml") if p.stem != "quicks
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    start_local_ray()
     yield
     ray.shutdown()
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import start_local_ray
+
 pytestmark = pytest.mark.slow
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -184,7 +186,7 @@ def smoke_sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
            "DECONVLAB_ARTIFACT_ROOT": str(root / "mlartifacts")}
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    start_local_ray()
     try:
         with pytest.MonkeyPatch.context() as mp:
             for key, value in env.items():

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import start_local_ray
 from deconvlab.data.brats import PatchGeometry, extract_patch, pad_image
 from deconvlab.models.mri import DualPathwayCNN3d, TwoPathCNN
 from deconvlab.train import train
@@ -94,7 +95,7 @@ def test_context_sweep_smoke_test_runs_every_context_factor(tmp_path, monkeypatc
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("DECONVLAB_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    start_local_ray()
     try:
         outcome = run_sweep("deepmedic_context_phantom", smoke_test=True, storage_path=str(tmp_path / "ray"),
                             quiet=True)

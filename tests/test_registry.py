@@ -17,7 +17,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from conftest import TINY_TRAINER
+from conftest import TINY_TRAINER, start_local_ray
 from deconvlab.cli import main
 from deconvlab.config import compose_config
 from deconvlab.evaluate import evaluate
@@ -48,7 +48,7 @@ def sources(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    start_local_ray()
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("MLFLOW_TRACKING_URI", uri)

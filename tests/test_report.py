@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
+from conftest import start_local_ray
 from deconvlab import cost, tracking
 from deconvlab.cli import main
 from deconvlab.config import compose_config
@@ -196,7 +197,7 @@ def test_smoke_sweep_logs_costs_and_its_report_is_self_contained(tmp_path, monke
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("DECONVLAB_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    start_local_ray()
     try:
         outcome = run_sweep("quickstart", smoke_test=True, storage_path=str(tmp_path / "ray"), quiet=True)
     finally:

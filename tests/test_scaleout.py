@@ -19,10 +19,10 @@ from mlflow.tracking import MlflowClient
 from deconvlab.sweep.tracking import TRIAL_TAG, child_runs
 
 pytestmark = pytest.mark.slow
-EPOCHS = 4
+EPOCHS = 5
 SWEEP = f"""
     experiment: quickstart
-    overrides: [trainer.max_epochs={EPOCHS}, data.samples_per_epoch=256, trainer.limit_train_batches=12,
+    overrides: [trainer.max_epochs={EPOCHS}, data.samples_per_epoch=512, trainer.limit_train_batches=32,
                 data.max_eval_size=64, trainer.enable_progress_bar=false]
     metric: val/psnr
     mode: max
@@ -93,8 +93,8 @@ def test_killing_the_driver_then_resume(tmp_path, monkeypatch):
     driver = subprocess.Popen(command, start_new_session=True, cwd=tmp_path,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_until_all_trials_reported(uri, epochs=2)
-        time.sleep(3)  # past Ray's experiment-state snapshot (every 2 s), so the checkpoints are on record
+        _wait_until_all_trials_reported(uri, epochs=1)
+        time.sleep(2.5)  # past Ray's experiment-state snapshot (every 2 s), so the checkpoints are on record
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
@@ -112,6 +112,7 @@ def test_losing_a_worker_node_mid_sweep(tmp_path, monkeypatch):
     from deconvlab.sweep.runner import run_sweep
 
     uri = _store(tmp_path, monkeypatch)
+    ray.shutdown()  # a local Ray left by another test would take the place of this cluster
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()

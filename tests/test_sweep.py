@@ -5,6 +5,7 @@ import textwrap
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import start_local_ray
 from deconvlab.errors import UserError
 from deconvlab.sweep.runner import run_sweep
 
@@ -13,7 +14,7 @@ from deconvlab.sweep.runner import run_sweep
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    start_local_ray()
     yield ray
     ray.shutdown()
 

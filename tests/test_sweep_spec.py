@@ -109,3 +109,17 @@ def test_unknown_sweep_name_lists_the_known_ones():
     with pytest.raises(UserError, match="unknown sweep") as info:
         load_sweep("no_such_sweep")
     assert "quickstart" in info.value.fix
+
+
+def test_a_model_switch_that_cannot_build_is_refused_before_trials(tmp_path):
+    # xu_full's experiment sets model.freeze_deconv, which the Wiener model does not take.
+    spec = load_sweep(_write(tmp_path, """
+        experiment: xu_full_disk7_sat_jpeg90_bsd68
+        metric: val/psnr
+        mode: max
+        search_space:
+          model: grid(["xu_full", "wiener"])
+    """))
+    with pytest.raises(UserError, match="cannot be built") as info:
+        validate(spec)
+    assert "model=wiener" in info.value.where

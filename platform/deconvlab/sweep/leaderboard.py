@@ -144,7 +144,8 @@ def _as_axis(values: pd.Series) -> tuple[list[float], list[float], list[str], bo
         positions = [(float(v) - s_lo) / span if s_hi > s_lo else 0.5 for v in scaled]
         return positions, [0.0, 1.0] if s_hi > s_lo else [0.5], \
             [f"{lo:.3g}", f"{hi:.3g}"] if s_hi > s_lo else [f"{lo:.3g}"], log
-    levels = sorted(values.astype(str).unique())
+    # str() of each value: pandas 3 keeps missing values missing through astype(str).
+    levels = sorted({str(v) for v in values})
     spots = {v: (i / (len(levels) - 1) if len(levels) > 1 else 0.5) for i, v in enumerate(levels)}
     return [spots[str(v)] for v in values], list(spots.values()), levels, False
 

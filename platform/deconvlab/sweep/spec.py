@@ -253,13 +253,34 @@ def validate(spec: SweepSpec, extra_overrides: list[str] = ()) -> None:
             raise UserError(f"search key {key!r} is not in the config of experiment {spec.experiment!r}",
                             f"{spec.path}: search_space.{key}",
                             "use a dotted key that `deconvlab train --cfg job` shows")
+    from deconvlab.config import config_groups
+
+    groups = set(config_groups())
     for key, dist in spec.search_space.items():
         for value in dist.values_for_validation():
-            compose_config([*spec.trial_overrides({key: value}), *extra_overrides])
+            cfg = compose_config([*spec.trial_overrides({key: value}), *extra_overrides])
+            # Switching a whole group (model=...) under an experiment's settings is what breaks builds;
+            # single values are checked by the trial itself (their validity can depend on each other).
+            if key in groups:
+                _check_model_builds(cfg, f"{spec.path}: search_space.{key}={value}")
     reported = task_metric_names(base)
     if spec.metric not in reported:
         raise UserError(f"metric {spec.metric!r} is never reported by this experiment", f"{spec.path}: metric",
                         f"choose one of: {', '.join(sorted(reported))}")
+
+
+def _check_model_builds(cfg, where: str) -> None:
+    """Instantiate the trial's model: a value that composes but cannot build (e.g. a model switched under
+    an experiment that sets keys the new model does not take) must fail here, not in every trial."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        instantiate(cfg.model)
+    except InstantiationException as exc:
+        cause = str(exc.__cause__ or exc).strip().splitlines()[0]
+        raise UserError(f"the model of this trial cannot be built: {cause}", where,
+                        "change the search space or the base experiment so every value builds") from None
 
 
 def task_metric_names(cfg) -> set[str]:
