@@ -25,6 +25,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from deconvlab.data.loaders import make_loader
+
 SPLITS = ("train", "val", "test")
 MNIST_FILES = {  # split prefix -> (images, labels), the official names without ".gz"
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -228,9 +230,7 @@ class MNISTDataModule(pl.LightningDataModule):
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("MNISTDataModule.setup() must run before asking for a dataloader")
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return make_loader(dataset, self.batch_size, shuffle, self.num_workers, self.seed)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from deconvlab.data.loaders import make_loader
+
 SHAPE_CLASSES = ("background", "square", "disk", "triangle")
 SHAPE_PALETTE = ((40, 40, 40), (230, 60, 50), (60, 190, 75), (60, 100, 230))
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
@@ -186,9 +188,7 @@ class ShapesDataModule(pl.LightningDataModule):
         self.eval_set = ShapesDataset(self.num_val, self.split, self.seed, self.config)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return make_loader(dataset, self.batch_size, shuffle, self.num_workers, self.seed)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)
