@@ -11,6 +11,20 @@ pytestmark = pytest.mark.slow
 SWEEPS = sorted(p.stem for p in sweeps_dir().glob("*.yaml") if p.stem != "quickstart")
 
 
+def _skip_without_its_data(name: str) -> None:
+    """Sweeps on real data sets (CamVid, BSD68...) skip when ../shared/data is absent."""
+    from hydra.utils import instantiate
+
+    from deconvlab.config import compose_config
+    from deconvlab.sweep.spec import load_sweep
+
+    spec = load_sweep(name).with_smoke_test()
+    try:
+        instantiate(compose_config(spec.trial_overrides({})).data).setup("validate")
+    except FileNotFoundError as missing:
+        pytest.skip(f"data for sweep {name} is absent: {missing}")
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     import ray
@@ -25,6 +39,7 @@ def test_smoke_sweep_runs_and_promotes(name, ray_cluster, tmp_path, tracking_uri
     from deconvlab.registry import promote
     from deconvlab.sweep.runner import run_sweep
 
+    _skip_without_its_data(name)
     outcome = run_sweep(name, smoke_test=True, storage_path=str(tmp_path / "ray"), quiet=True)
     client = MlflowClient(tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name(outcome.experiment_name).experiment_id])

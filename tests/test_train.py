@@ -84,6 +84,12 @@ def test_untracked_trial_mode_writes_no_run(compose, tracking_uri, tmp_path):
     assert list((tmp_path / "outputs").rglob("samples/epoch_*/*.png"))
 
 
+def test_segmentation_logs_a_confusion_matrix(compose, tracking_uri):
+    result = train(compose("experiment=fcn8s_shapes", "trainer.max_epochs=1"))
+    files = {a.path for a in MlflowClient(tracking_uri).list_artifacts(result.run_id, "samples/epoch_000")}
+    assert "samples/epoch_000/confusion_matrix.png" in files
+
+
 def test_two_dimensional_codes_are_drawn_as_a_scatter(compose, tracking_uri):
     cfg = compose("experiment=autoencoder_fc", "data.max_samples=256", "model.code_size=2", "trainer.max_epochs=1")
     result = train(cfg)

@@ -218,8 +218,12 @@ class CamVidDataModule(pl.LightningDataModule):
     def dataset(self, split: str, augment: bool = False) -> SegmentationFolderDataset:
         """The files of ``split``, resized (and augmented if asked) like this module's loaders do."""
         transform = build_transform(self.image_size, augment, self.ignore_index, self.seed)
-        return SegmentationFolderDataset(list_pairs(self.root, split), self.num_classes, self.ignore_index,
+        return SegmentationFolderDataset(self.list_pairs(split), self.num_classes, self.ignore_index,
                                          transform)
+
+    def list_pairs(self, split: str) -> list[tuple[Path, Path]]:
+        """(image, mask) files of ``split`` in this data set's folder layout."""
+        return list_pairs(self.root, split)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassJaccardIndex
 
 from deconvlab.tasks.base import BaseTask, side_by_side, to_uint8
 
@@ -30,6 +30,29 @@ def colourise(labels: torch.Tensor, palette: np.ndarray, ignore_index: int | Non
         valid &= array != ignore_index
     out[valid] = palette[array[valid]]
     return out
+
+
+def render_confusion(counts: np.ndarray) -> np.ndarray:
+    """A row-normalised confusion matrix (true class down, predicted across) as an RGB uint8 image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = 2 + 0.35 * len(counts)
+    fig, ax = plt.subplots(figsize=(size, size), dpi=100)
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for (i, j), value in np.ndenumerate(rates):
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
+                color="white" if value > 0.5 else "black")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    fig.tight_layout()
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return image
 
 
 class SegmentationTask(BaseTask):
@@ -54,6 +77,7 @@ class SegmentationTask(BaseTask):
         self.register_buffer("class_weights", weights, persistent=False)
         self.palette = np.asarray(palette, np.uint8) if palette is not None else default_palette(num_classes)
         self._palette_given = palette is not None
+        self.confusion = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index)
 
     def setup(self, stage: str) -> None:
         # A data set's own palette (e.g. CamVid's palette file) wins over generated colours.
@@ -79,6 +103,18 @@ class SegmentationTask(BaseTask):
         logits = self(batch["image"])
         loss = F.cross_entropy(logits, batch["mask"], weight=self.class_weights, ignore_index=self.ignore_index)
         return loss, logits
+
+    def update_metrics(self, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        super().update_metrics(output, batch)
+        self.confusion.update(output, batch["mask"])
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        if self._wants_samples():
+            self.rendered_samples["confusion_matrix"] = render_confusion(self.confusion.compute().cpu().numpy())
+        self.confusion.reset()
+
+    on_test_epoch_end = on_validation_epoch_end
 
     def render_samples(self, batch: dict[str, torch.Tensor], output: torch.Tensor) -> dict[str, np.ndarray]:
         """Image | ground truth | prediction, coloured with the data set's palette."""
