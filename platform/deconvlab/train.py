@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 
@@ -41,7 +41,6 @@ class TrainResult:
     best_checkpoint: str | None
     run_id: str | None = None
     monitor: tuple[str, str] = ("val/loss", "min")
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def build_task(cfg: DictConfig) -> BaseTask:
@@ -143,7 +142,3 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (),
                 client.set_tag(run_id, "deconvlab.best_checkpoint", f"checkpoints/{Path(best).name}")
     return TrainResult(metrics, best, run_id, (task.monitor, task.monitor_mode))
 
-
-def resolved_yaml(cfg: DictConfig) -> str:
-    """The config as a user would read it (interpolations resolved)."""
-    return OmegaConf.to_yaml(cfg, resolve=True)
