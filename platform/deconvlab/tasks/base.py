@@ -77,7 +77,9 @@ class BaseTask(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _ = self.step(batch)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True,
+        # Not on the progress bar: Lightning reads progress-bar values back with .item() after every
+        # batch, which is a device sync per step on a GPU.
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=False,
                  batch_size=self.batch_size_of(batch))
         return loss
 
