@@ -18,9 +18,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from deconvlab.data.loaders import SplitDataModule
 
 CAMVID_CLASSES = ("sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car",
                   "pedestrian", "bicyclist")
@@ -181,7 +182,7 @@ class SegmentationFolderDataset(Dataset):
                 "mask": torch.from_numpy(np.ascontiguousarray(mask)).long()}
 
 
-class CamVidDataModule(pl.LightningDataModule):
+class CamVidDataModule(SplitDataModule):
     """CamVid (or any folder in its layout) for the segmentation task.
 
     Args:
@@ -214,6 +215,7 @@ class CamVidDataModule(pl.LightningDataModule):
         self.class_names = CAMVID_CLASSES if num_classes == len(CAMVID_CLASSES) else tuple(
             f"class_{i}" for i in range(num_classes))
         self.palette = [list(c) for c in palette] if palette else read_palette(self.root, num_classes)
+        self.worker_init_fn = _reseed_worker
 
     def dataset(self, split: str, augment: bool = False) -> SegmentationFolderDataset:
         """The files of ``split``, resized (and augmented if asked) like this module's loaders do."""
@@ -235,15 +237,3 @@ class CamVidDataModule(pl.LightningDataModule):
         weights = median_frequency_class_weights(str(self.root), split, self.num_classes, self.ignore_index)
         return torch.tensor(weights)
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle,
-                          generator=torch.Generator().manual_seed(self.seed), num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, worker_init_fn=_reseed_worker)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_set, shuffle=False)
-
-    test_dataloader = val_dataloader

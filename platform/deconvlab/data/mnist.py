@@ -21,11 +21,10 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from deconvlab.data.loaders import make_loader
+from deconvlab.data.loaders import SplitDataModule
 
 SPLITS = ("train", "val", "test")
 MNIST_FILES = {  # split prefix -> (images, labels), the official names without ".gz"
@@ -186,7 +185,7 @@ def load_split(root: str | Path | None, split: str, val_fraction: float = 0.1,
     return images[keep], labels[keep]
 
 
-class MNISTDataModule(pl.LightningDataModule):
+class MNISTDataModule(SplitDataModule):
     """MNIST digits for the reconstruction task: ``{"image": [B, 1, 28, 28] in [0, 1], "label": [B]}``.
 
     Args:
@@ -227,15 +226,3 @@ class MNISTDataModule(pl.LightningDataModule):
         if self.eval_set is None:
             self.eval_set = self._dataset(self.split)
 
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("MNISTDataModule.setup() must run before asking for a dataloader")
-        return make_loader(dataset, self.batch_size, shuffle, self.num_workers, self.seed)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_set, shuffle=False)
-
-    test_dataloader = val_dataloader

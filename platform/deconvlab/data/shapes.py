@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from deconvlab.data.loaders import make_loader
+from deconvlab.data.loaders import SplitDataModule
 
 SHAPE_CLASSES = ("background", "square", "disk", "triangle")
 SHAPE_PALETTE = ((40, 40, 40), (230, 60, 50), (60, 190, 75), (60, 100, 230))
@@ -148,7 +147,7 @@ class ShapesDataset(Dataset):
                 "box_label": torch.tensor(sample.box_label)}
 
 
-class ShapesDataModule(pl.LightningDataModule):
+class ShapesDataModule(SplitDataModule):
     """Synthetic shapes segmentation (4 classes: background, square, disk, triangle).
 
     Args:
@@ -187,16 +186,6 @@ class ShapesDataModule(pl.LightningDataModule):
         self.train_set = ShapesDataset(self.num_train, "train", self.seed, self.config)
         self.eval_set = ShapesDataset(self.num_val, self.split, self.seed, self.config)
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return make_loader(dataset, self.batch_size, shuffle, self.num_workers, self.seed)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_set, shuffle=False)
-
-    test_dataloader = val_dataloader
 
 
 def write_shapes_folder(root: str | Path, sizes: dict[str, int], seed: int = 0,
