@@ -63,6 +63,23 @@ def start_local_ray() -> None:
              ignore_reinit_error=True)
 
 
+def write_phantom_case(folder: Path, seed: int = 0, size: int = 20, affine=None) -> None:
+    """A synthetic MRI phantom written as a BraTS case folder (NIfTI), with a scanner-like intensity range."""
+    import nibabel as nib
+    import numpy as np
+
+    from deconvlab.data.phantom import make_phantom
+
+    image, label = make_phantom(size, seed)
+    folder.mkdir(parents=True)
+    brain = np.any(image != 0, axis=0)
+    affine = np.eye(4) if affine is None else affine
+    for name, data in (("flair", image[0] * 120 + 400), ("t1c", image[1] * 80 + 250),
+                       ("otmulticlass", label), ("brainmask", brain.astype(np.uint8))):
+        dtype = np.float32 if data.dtype.kind == "f" else np.uint8
+        nib.save(nib.Nifti1Image(np.asarray(data, dtype), affine), str(folder / f"{name}.nii.gz"))
+
+
 def shared_data(*parts: str) -> Path:
     """A path under ../shared/data, skipping the test when it is absent."""
     path = SHARED_DATA.joinpath(*parts)

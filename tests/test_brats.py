@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import shared_data
+from conftest import shared_data, write_phantom_case
 from deconvlab.data import brats
 from deconvlab.data.brats import (
     BratsDataModule,
@@ -23,7 +23,6 @@ from deconvlab.data.brats import (
     read_case,
     sample_balanced_centres,
 )
-from deconvlab.data.phantom import make_phantom
 from deconvlab.errors import UserError
 
 AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -31,14 +30,7 @@ AFFINE[:3, 3] = [90, 120, -70]
 
 
 def write_case(folder: Path, seed: int = 0, size: int = 20) -> None:
-    """A phantom written as a BraTS case folder, with a scanner-like intensity range."""
-    image, label = make_phantom(size, seed)
-    folder.mkdir(parents=True)
-    brain = np.any(image != 0, axis=0)
-    for name, data in (("flair", image[0] * 120 + 400), ("t1c", image[1] * 80 + 250),
-                       ("otmulticlass", label), ("brainmask", brain.astype(np.uint8))):
-        dtype = np.float32 if data.dtype.kind == "f" else np.uint8
-        nib.save(nib.Nifti1Image(np.asarray(data, dtype), AFFINE), str(folder / f"{name}.nii.gz"))
+    write_phantom_case(folder, seed, size, AFFINE)
 
 
 @pytest.fixture

@@ -6,17 +6,15 @@ import sys
 from pathlib import Path
 
 import nibabel as nib
-import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, write_phantom_case
 from deconvlab.data import brats
 from deconvlab.data.brats import BratsDataModule
-from deconvlab.data.phantom import make_phantom
 
 STEPS = 14  # one epoch of quickstart's 16 batches, more than one logging interval
 
@@ -103,13 +101,7 @@ def test_training_steps_do_not_sync_for_logging(tmp_path):
 
 
 def write_case(folder: Path, seed: int, size: int = 16) -> None:
-    image, label = make_phantom(size, seed)
-    folder.mkdir(parents=True)
-    brain = np.any(image != 0, axis=0)
-    for name, data in (("flair", image[0] * 120 + 400), ("t1c", image[1] * 80 + 250),
-                       ("otmulticlass", label), ("brainmask", brain.astype(np.uint8))):
-        dtype = np.float32 if data.dtype.kind == "f" else np.uint8
-        nib.save(nib.Nifti1Image(np.asarray(data, dtype), np.eye(4)), str(folder / f"{name}.nii.gz"))
+    write_phantom_case(folder, seed, size)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
