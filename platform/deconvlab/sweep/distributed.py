@@ -17,23 +17,28 @@ def _worker_loop(config: dict[str, Any]) -> None:
     import ray.train
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment
 
-    from deconvlab.sweep.trial import CHECKPOINT_FILE, ReportToRay
+    from deconvlab.sweep.trial import CHECKPOINT_FILE, ReportToRay, RestoreSampledOptimiserSettings
     from deconvlab.train import train
 
     cfg = OmegaConf.create(config["cfg"])
+    callbacks = [ReportToRay(ray.train.report)]
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         cfg.ckpt_path = os.path.join(checkpoint.to_directory(), CHECKPOINT_FILE)
+        callbacks.append(RestoreSampledOptimiserSettings(config["optimiser_settings"]))
     # Each rank writes its own folder; rank 0's checkpoint and samples are the ones reported.
     cfg.paths.output_dir = f"{cfg.paths.output_dir}/rank{ray.train.get_context().get_world_rank()}"
-    train(cfg, callbacks=[ReportToRay(ray.train.report)],
+    train(cfg, callbacks=callbacks,
           trainer_overrides={"strategy": RayDDPStrategy(), "plugins": [RayLightningEnvironment()],
                              "devices": "auto", "use_distributed_sampler": True})
 
 
 def fit_with_ray_train(cfg, workers: int, resources: dict[str, float], name: str,
-                       storage_path: str | None = None) -> None:
-    """Train ``cfg`` on ``workers`` Ray Train workers, each with ``resources`` (cpu, gpu)."""
+                       storage_path: str | None = None, optimiser_settings: dict[str, Any] | None = None) -> None:
+    """Train ``cfg`` on ``workers`` Ray Train workers, each with ``resources`` (cpu, gpu).
+
+    ``optimiser_settings`` (the trial's sampled ``optim.*`` values) are put back after a resume.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -42,7 +47,8 @@ def fit_with_ray_train(cfg, workers: int, resources: dict[str, float], name: str
     per_worker = {"CPU": float(resources.get("cpu", 1))} | ({"GPU": gpu} if gpu else {})
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True)},
+        train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True),
+                           "optimiser_settings": dict(optimiser_settings or {})},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu > 0,
                                                resources_per_worker=per_worker),
         # A deterministic name: a restored trial finds its Ray Train run again.

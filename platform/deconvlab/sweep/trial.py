@@ -62,6 +62,38 @@ class ReportToRay(pl.Callback):
             self.report(metrics, checkpoint=checkpoint)
 
 
+class RestoreSampledOptimiserSettings(pl.Callback):
+    """Put a trial's sampled optimiser settings back after resuming from a checkpoint.
+
+    PBT continues a trial from another trial's checkpoint, and Lightning restores the optimiser's
+    state with it, param-group hyperparameters included: without this, a mutated ``optim.lr`` would
+    be silently replaced by the donor trial's learning rate.
+
+    Args:
+        settings: optimiser hyperparameters by name (``{"lr": 0.01}``), set in every param group
+            that has them.
+    """
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = dict(settings)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Runs after Lightning restored the optimiser state from the checkpoint.
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                for name, value in self.settings.items():
+                    if name in group:
+                        group[name] = value
+                if "lr" in self.settings and "initial_lr" in group:
+                    # Schedulers scale from ``initial_lr``; keep it in step with the mutation.
+                    group["initial_lr"] = self.settings["lr"]
+
+
+def sampled_optimiser_settings(sampled: dict[str, Any]) -> dict[str, Any]:
+    """The optimiser hyperparameters among a trial's sampled keys: ``optim.lr`` -> ``lr``."""
+    return {key.split(".", 1)[1]: value for key, value in sampled.items() if key.startswith("optim.")}
+
+
 def trial_config(sweep: dict[str, Any], sampled: dict[str, Any], output_dir: str, extra: list[str]):
     """The composed config of one trial (also used by the driver to log the child run's config)."""
     from deconvlab.config import compose_config
@@ -96,6 +128,10 @@ def run_trial(sampled: dict[str, Any], sweep: dict[str, Any], extra_overrides: l
     if workers > 1:
         from deconvlab.sweep.distributed import fit_with_ray_train
 
-        fit_with_ray_train(cfg, workers, sweep["resources"], context.get_trial_name(), storage_path)
+        fit_with_ray_train(cfg, workers, sweep["resources"], context.get_trial_name(), storage_path,
+                           sampled_optimiser_settings(sampled))
     else:
-        train(cfg, callbacks=[ReportToRay(tune.report, resumed)])
+        callbacks: list[pl.Callback] = [ReportToRay(tune.report, resumed)]
+        if cfg.ckpt_path:
+            callbacks.append(RestoreSampledOptimiserSettings(sampled_optimiser_settings(sampled)))
+        train(cfg, callbacks=callbacks)
