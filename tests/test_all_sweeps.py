@@ -7,8 +7,8 @@ from conftest import start_local_ray
 from deconvlab.sweep.spec import sweeps_dir
 
 pytestmark = pytest.mark.slow
-# quickstart's smoke sweep is exercised in tests/test_sweep.py already.
-SWEEPS = sorted(p.stem for p in sweeps_dir().glob("*.yaml") if p.stem != "quickstart")
+# quickstart's and quickstart_pbt's smoke sweeps are exercised in tests/test_sweep.py and test_pbt_resume.py.
+SWEEPS = sorted(p.stem for p in sweeps_dir().glob("*.yaml") if p.stem not in ("quickstart", "quickstart_pbt"))
 
 
 def _skip_without_its_data(name: str) -> None:

@@ -1,7 +1,9 @@
 """PBT continues a trial from a donor's checkpoint: the trial's own (mutated) optimiser settings must win."""
 
+import pytest
 import pytorch_lightning as pl
 
+from conftest import start_local_ray
 from deconvlab.sweep.trial import RestoreSampledOptimiserSettings, sampled_optimiser_settings
 from deconvlab.train import train
 
@@ -41,3 +43,29 @@ def test_mutated_learning_rate_survives_resuming_from_a_donor_checkpoint(compose
     with_fix = _RecordLearningRate()
     _resume_with(compose, checkpoint, [RestoreSampledOptimiserSettings(settings), with_fix])
     assert with_fix.lr == 0.0123
+
+
+@pytest.mark.slow
+def test_pbt_sweep_logs_each_trials_learning_rate_schedule_and_promotes(tmp_path, tracking_uri):
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from deconvlab.registry import promote
+    from deconvlab.sweep.runner import run_sweep
+
+    start_local_ray()
+    try:
+        outcome = run_sweep("quickstart_pbt", smoke_test=True, storage_path=str(tmp_path / "ray"), quiet=True)
+    finally:
+        ray.shutdown()
+    client = MlflowClient(tracking_uri)
+    children = client.search_runs([client.get_experiment_by_name(outcome.experiment_name).experiment_id],
+                                  f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'")
+    assert len(children) == 2 and all(run.info.status == "FINISHED" for run in children)
+    for run in children:
+        schedule = client.get_metric_history(run.info.run_id, "hp/optim.lr")
+        reported = client.get_metric_history(run.info.run_id, "val/psnr")
+        # One learning rate per reported epoch (a trial that exploits a finished donor reports fewer than 3).
+        assert sorted(p.step for p in schedule) == sorted(p.step for p in reported) and schedule
+        assert all(1e-4 * 0.8**3 <= point.value <= 1e-2 * 1.2**3 for point in schedule)
+    assert promote(outcome.parent_run_id, "quickstart-pbt-smoke").moved

@@ -124,7 +124,11 @@ class MLflowSweepCallback(Callback):
         run_id = self._run_for(trial)
         epoch = int(result.get(EPOCH_KEY, result.get("training_iteration", 0)))
         now = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(k, v, now, epoch) for k, v in _numeric(result).items()])
+        metrics = _numeric(result)
+        if self.sweep.get("scheduler", {}).get("type") == "pbt":
+            # PBT mutates a trial's hyperparameters as it goes: log them per epoch so the UI shows the schedule.
+            metrics.update({f"hp/{k}": v for k, v in _numeric(trial.config).items()})
+        self.client.log_batch(run_id, metrics=[Metric(k, v, now, epoch) for k, v in metrics.items()])
         self.last_epoch[trial.trial_id] = epoch
         self._record_node(trial.trial_id, run_id, result.get(NODE_KEY))
         value = result.get(self.metric)
