@@ -15,14 +15,12 @@ from conftest import shared_data, write_phantom_case
 from deconvlab.data import brats
 from deconvlab.data.brats import (
     BratsDataModule,
-    PatchGeometry,
-    extract_patch,
     load_case,
-    pad_image,
     phantom_cases,
     read_case,
     sample_balanced_centres,
 )
+from deconvlab.data.patches import PatchGeometry, context_pool, extract_patch, pad_image
 from deconvlab.errors import UserError
 
 AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -145,3 +143,14 @@ def test_real_brats_cases_read_and_plan(tmp_path):
     labels = np.array([module.train_set[i]["label"].item() for i in range(256)])
     assert 0.35 < (labels > 0).mean() < 0.65  # half the patches centred on tumour
     assert (tmp_path / "patch_plan.json").exists()
+
+
+@pytest.mark.parametrize("factor", [3, 5])
+def test_pooled_context_cut_equals_the_per_patch_average(factor):
+    image = np.random.default_rng(1).standard_normal((2, 12, 13, 14)).astype(np.float32)
+    geometry = PatchGeometry(3, 5, factor)
+    padded = pad_image(image, geometry.margin)
+    pooled = context_pool(padded, factor)
+    for centre in [(0, 0, 0), (11, 12, 13), (5, 3, 9)]:
+        np.testing.assert_allclose(extract_patch(padded, centre, geometry, pooled),
+                                   extract_patch(padded, centre, geometry), atol=1e-5)

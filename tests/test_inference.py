@@ -16,7 +16,7 @@ from deconvlab.inference import (
     region_metrics,
     save_segmentation,
 )
-from deconvlab.models.mri import DualPathwayCNN3d, TwoPathCNN
+from deconvlab.models.mri import CascadeCNN3d, DualPathwayCNN3d, PatchNetEnsemble, TwoPathCNN
 
 
 @pytest.fixture
@@ -27,13 +27,21 @@ def nets() -> list[torch.nn.Module]:
 
 
 @pytest.fixture
+def multi_nets() -> list[torch.nn.Module]:
+    """A cascade and an ensemble of 2-D nets (the other "multiple networks" layouts)."""
+    torch.manual_seed(0)
+    return [CascadeCNN3d(2, 5, first_widths=[4, 4], second_widths=[4, 4], fc_width=8).eval(),
+            PatchNetEnsemble(lambda: TwoPathCNN(6, 5, local_width=4, global_width=6), size=2).eval()]
+
+
+@pytest.fixture
 def volume() -> np.ndarray:
     return np.random.default_rng(0).standard_normal((2, 8, 9, 7)).astype(np.float32)
 
 
-def test_dense_inference_equals_per_voxel_patch_classification(nets, volume):
+def test_dense_inference_equals_per_voxel_patch_classification(nets, multi_nets, volume):
     every_voxel = np.argwhere(np.ones(volume.shape[1:], bool))
-    for net in nets:
+    for net in [*nets, *multi_nets]:
         dense = dense_probabilities(net, volume, tile=5)  # tiles that do not divide the volume
         naive = per_voxel_probabilities(net, volume, every_voxel)
         np.testing.assert_allclose(dense.reshape(5, -1).T, naive, atol=1e-5)
@@ -72,12 +80,16 @@ def test_clean_up_removes_a_planted_blob_and_fills_a_planted_hole():
     predicted[1:3, 1:3, 1:3] = 4  # isolated false positive far from the tumour
     predicted[14:17, 14:17, 14:17] = 0  # hole inside the necrotic core
     predicted[15, 15, 22] = 0  # a one-voxel hole in the edema
-    cleaned = clean_up(predicted)
+    cleaned = clean_up(predicted, smooth_radius=0)  # components and holes only: the truth comes back exactly
     assert not cleaned[1:3, 1:3, 1:3].any()
     assert (cleaned[14:17, 14:17, 14:17] == 1).all() and cleaned[15, 15, 22] == 2
     before, after = region_metrics(predicted, truth), region_metrics(cleaned, truth)
     assert after["dice_whole"] > before["dice_whole"] and after["dice_core"] > before["dice_core"]
     assert after["dice_whole"] == pytest.approx(1.0)
+    # With smoothing too: the same, less a few single-voxel tips of the digital sphere the opening trims.
+    smoothed = clean_up(predicted)
+    assert not smoothed[1:3, 1:3, 1:3].any() and (smoothed[14:17, 14:17, 14:17] == 1).all()
+    assert region_metrics(smoothed, truth)["dice_whole"] > 0.99
 
 
 def test_clean_up_stays_inside_the_brain_and_keeps_large_second_foci():
@@ -86,7 +98,7 @@ def test_clean_up_stays_inside_the_brain_and_keeps_large_second_foci():
     label[5:10, 5:10, 25:29] = 4  # a second focus, 4/5 the size of the first: kept
     brain = np.ones(label.shape, bool)
     brain[:, :, 28:] = False
-    cleaned = clean_up(label, brain)
+    cleaned = clean_up(label, brain, smooth_radius=0)  # boxes: opening would round their edges
     assert (cleaned[5:10, 5:10, 25:28] == 4).all() and not cleaned[:, :, 28:].any()
 
 
@@ -117,3 +129,60 @@ def test_saved_segmentation_keeps_the_input_affine(tmp_path):
     reloaded = nib.load(str(path))
     np.testing.assert_array_equal(reloaded.affine, affine)
     np.testing.assert_array_equal(np.asarray(reloaded.dataobj), label)
+
+
+def test_smoothing_removes_a_one_voxel_spur_and_keeps_the_tumour():
+    truth = _tumour()
+    predicted = truth.copy()
+    predicted[18, 15, 24:28] = 2  # a one-voxel-thick spur sticking out of the edema (which ends at z=23 there)
+    predicted[15, 7:9, 15] = 0  # a one-voxel-wide pit, two deep, into the edema
+    smoothed = clean_up(predicted, smooth_radius=1)
+    # The closing fills the corner at the spur's root first, so at most its root voxel stays.
+    assert not smoothed[18, 15, 25:28].any() and (smoothed[15, 7:9, 15] == 2).all()
+    assert (clean_up(predicted, smooth_radius=0)[18, 15, 24:28] == 2).all()  # switched off: kept
+    # Elsewhere it only trims the single-voxel tips of the digital sphere (its poles).
+    assert region_metrics(smoothed, truth)["dice_whole"] > 0.99
+
+
+def test_per_case_rows_score_both_stages_and_overlays_outline_truth_and_prediction():
+    from deconvlab.volume_report import case_rows, contour_overlay, summarise
+
+    truth = _tumour()
+    predicted = truth.copy()
+    predicted[1:3, 1:3, 1:3] = 2  # a false-positive blob the clean-up removes
+    probabilities = np.eye(5, dtype=np.float32)[predicted].transpose(3, 0, 1, 2)
+    image = np.zeros((1, *truth.shape), np.float32)
+    rows, labels = case_rows("c0", probabilities, truth, None, {"smooth_radius": 0}, {"weight": 1.0}, image)
+    assert [r["stage"] for r in rows] == ["raw", "cleaned", "crf"]
+    assert rows[2]["dice_whole"] > 0.99 and not labels["crf"][1:3, 1:3, 1:3].any()
+    assert rows[0]["dice_whole"] == pytest.approx(region_metrics(predicted, truth)["dice_whole"])
+    assert rows[1]["dice_whole"] == pytest.approx(1.0) and rows[1]["hd95_whole"] == 0.0
+    assert summarise(rows)["volume_dice_whole_cleaned"] == pytest.approx(1.0)
+    shifted = np.roll(truth, 3, axis=0)
+    overlay = contour_overlay(image[0], truth, shifted)
+    z = 15  # the slice with most tumour
+    truth_outline = (truth[:, :, z] > 0) & ~ndimage.binary_erosion(truth[:, :, z] > 0)
+    assert overlay.shape == (30, 30, 3) and (overlay[truth_outline & ~np.roll(truth_outline, 3, 0), 1] == 220).all()
+    assert (overlay[np.roll(truth_outline, 3, 0), 0] == 255).all() and not overlay[15, 15].any()
+
+
+def test_mean_field_refinement_corrects_scattered_errors_but_not_across_an_edge():
+    from deconvlab.inference import mean_field_refine
+
+    truth = (_tumour() > 0).astype(np.int64)
+    image = truth[None].astype(np.float32) * 3.0  # the tumour is bright: an intensity edge at its border
+    rng = np.random.default_rng(0)
+    flipped = rng.random(truth.shape) < 0.1  # 10 % of voxels wrongly, but weakly, classified
+    p_tumour = np.where(truth == 1, 0.8, 0.2)
+    p_tumour[flipped] = 1 - p_tumour[flipped]
+    probabilities = np.zeros((5, *truth.shape), np.float32)
+    probabilities[0], probabilities[2] = 1 - p_tumour, p_tumour
+    refined = mean_field_refine(probabilities, image, weight=1.0, sigma=1.0, iterations=3)
+    raw_errors = (probabilities.argmax(0) > 0) != truth
+    refined_errors = (refined.argmax(0) > 0) != truth
+    assert refined_errors.sum() < 0.01 * raw_errors.sum()  # 2,740 wrong voxels -> 0 here
+    np.testing.assert_allclose(refined.sum(0), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(mean_field_refine(probabilities, image, weight=0.0), probabilities)
+    # Without the intensity edge (a flat image) the smoothing also eats into the tumour's corners.
+    flat = mean_field_refine(probabilities, np.zeros_like(image), weight=1.0, iterations=3)
+    assert ((flat.argmax(0) > 0) != truth).sum() > refined_errors.sum() + 50

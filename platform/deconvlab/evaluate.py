@@ -11,9 +11,11 @@ tagged with the model URI, the registered name and version, and linked from the 
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -119,6 +121,18 @@ def run_validation(loaded: LoadedModel, datamodule) -> dict[str, float]:
     return {k: float(v) for k, v in sorted(results.items())}
 
 
+def _log_volume_report(client, run_id: str, task) -> None:
+    """A volumetric task's per-case table (Dice, sensitivity, HD95 per region) and contour overlays."""
+    rows = getattr(task, "volume_rows", None)
+    if not rows:
+        return
+    from deconvlab.volume_report import write_table
+
+    with tempfile.TemporaryDirectory() as folder:
+        client.log_artifact(run_id, str(write_table(rows, Path(folder) / "per_case.csv")), "volume")
+    tracking.log_images(client, run_id, task.volume_overlays, "volume")
+
+
 def _log(evaluation: Evaluation, loaded: LoadedModel, tracking_uri: str | None) -> str:
     from deconvlab.registry import client_for
 
@@ -136,6 +150,7 @@ def _log(evaluation: Evaluation, loaded: LoadedModel, tracking_uri: str | None) 
                                              "eval.overrides": " ".join(evaluation.overrides)})
         for key, value in evaluation.metrics.items():
             client.log_metric(run_id, key, value)
+        _log_volume_report(client, run_id, loaded.task)
     if loaded.name:
         client_for(uri).set_model_version_tag(loaded.name, loaded.version, "deconvlab.last_evaluation_run",
                                               run_id)

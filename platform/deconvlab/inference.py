@@ -19,22 +19,8 @@ import torch
 import torch.nn as nn
 from scipy import ndimage
 
-from deconvlab.data.brats import PatchGeometry, extract_patch, pad_image
+from deconvlab.data.patches import context_pool, extract_patch, geometry_of, net_slices, pad_image
 from deconvlab.tasks.volumetric import BRATS_REGIONS
-
-
-def geometry_of(model: nn.Module, modalities: int) -> PatchGeometry:
-    """The patch layout a model's ``forward`` expects (as cut by :mod:`deconvlab.data.brats`)."""
-    if model.dims == 2:
-        return PatchGeometry(2, model.patch_size, 1, _slices(model, modalities))
-    return PatchGeometry(3, model.patch_size, model.context_factor)
-
-
-def _slices(model: nn.Module, modalities: int) -> int:
-    channels = model.local[0].in_channels
-    if channels % modalities:
-        raise ValueError(f"a 2-D net with {channels} input channels cannot take {modalities} modalities")
-    return channels // modalities
 
 
 def read_tile(image: np.ndarray, lo: Sequence[int], hi: Sequence[int]) -> np.ndarray:
@@ -54,7 +40,7 @@ def _tile_logits(model: nn.Module, image: np.ndarray, start: Sequence[int],
         hi = [s + n + m for s, n in zip(start, size, strict=True)]
         tile = read_tile(image, [s - m for s in start], hi)
         return model.dense_logits(torch.from_numpy(tile)[None])[0]
-    k = _slices(model, image.shape[0]) // 2
+    k = net_slices(model, image.shape[0]) // 2
     lo = [start[0] - m, start[1] - m, start[2] - k]
     hi = [start[0] + size[0] + m, start[1] + size[1] + m, start[2] + size[2] + k]
     tile = torch.from_numpy(read_tile(image, lo, hi))  # [C, H', W', nz + 2k]
@@ -85,8 +71,10 @@ def dense_probabilities(models: nn.Module | Sequence[nn.Module], image: np.ndarr
     probabilities = np.zeros((num_classes, *shape), np.float32)
     for model in models:
         model.eval()
-        # 2-D nets: a few axial slices per batch.
-        size = [tile, tile, tile] if model.dims == 3 else [tile, tile, 8]
+        # 2-D nets: a few axial slices per batch, twice the side in-plane (a 2-D tile is small, and its
+        # 32-voxel margin costs less the larger the tile: ~20 % faster for TwoPathCNN than 48^2).
+        size = [tile, tile, tile] if model.dims == 3 else [2 * tile, 2 * tile, 8]
+        size = [min(t, n) for t, n in zip(size, shape, strict=True)]  # a small volume: one snug tile
         for start in itertools.product(*(range(0, n, t) for n, t in zip(shape, size, strict=True))):
             region = tuple(slice(s, min(s + t, n)) for s, t, n in zip(start, size, shape, strict=True))
             if mask is not None and not mask[region].any():
@@ -107,30 +95,48 @@ def per_voxel_probabilities(model: nn.Module, image: np.ndarray, centres: np.nda
     model.eval()
     geometry = geometry_of(model, image.shape[0])
     padded = pad_image(image, geometry.margin)
+    # The cheapest patch cut (context patches as slices of a pooled copy), as in training.
+    pooled = context_pool(padded, geometry.context_factor) if geometry.patch_dims == 3 and \
+        geometry.context_factor > 1 else None
     out = []
     for i in range(0, len(centres), batch_size):
-        patches = np.stack([extract_patch(padded, c, geometry) for c in centres[i:i + batch_size]])
+        patches = np.stack([extract_patch(padded, c, geometry, pooled) for c in centres[i:i + batch_size]])
         out.append(torch.softmax(model(torch.from_numpy(patches)), 1).numpy())
     return np.concatenate(out)
 
 
 # ------------------------------------------------------------------------------------------ clean-up
 def clean_up(label: np.ndarray, brain: np.ndarray | None = None, keep_fraction: float = 0.1,
-             fill_holes: bool = True) -> np.ndarray:
+             fill_holes: bool = True, smooth_radius: int = 1) -> np.ndarray:
     """Shape-aware clean-up of a BraTS label map.
 
     1. No tumour outside the brain mask.
-    2. 3-D connected components of the whole tumour (26-connected): keep the largest and any at least
+    2. Morphological smoothing of the whole tumour with a ``smooth_radius``-step 6-connected cross:
+       a closing inside the brain first (fills notches and gaps narrower than the cross; each added
+       voxel takes the label of the nearest tumour voxel), then an opening (drops spurs and bridges
+       thinner than ``2 * smooth_radius + 1`` voxels). Closing first, so a dent cannot open into a hole.
+    3. 3-D connected components of the whole tumour (26-connected): keep the largest and any at least
        ``keep_fraction`` of its size (multifocal tumours); drop the rest (isolated false positives).
-    3. Fill enclosed holes: holes of the core become necrosis (1), remaining holes of the whole
+    4. Fill enclosed holes: holes of the core become necrosis (1), remaining holes of the whole
        tumour become edema (2).
 
     Nesting enhancing (4) in core {1,3,4} in whole {1,2,3,4} holds by construction in a label map;
     the steps above only relabel voxels between these sets, so it still holds afterwards.
+
+    Args:
+        label: ``[D, H, W]`` labels 0..4.
+        brain: optional ``[D, H, W]`` brain mask.
+        keep_fraction: smallest kept component, relative to the largest.
+        fill_holes: run step 4.
+        smooth_radius: closing/opening radius in voxels; 0 skips step 2.
     """
     out = label.copy()
-    if brain is not None:
-        out[~brain] = 0
+    inside = np.ones(out.shape, bool) if brain is None else brain.astype(bool)
+    out[~inside] = 0
+    ball = ndimage.iterate_structure(ndimage.generate_binary_structure(3, 1), smooth_radius) if smooth_radius else None
+    if ball is not None:
+        _close_with_nearest_label(out, ball, inside, smooth_radius)
+        out[~ndimage.binary_opening(out > 0, ball)] = 0
     components, count = ndimage.label(out > 0, structure=np.ones((3, 3, 3), bool))
     if count > 1:
         sizes = np.bincount(components.ravel())[1:]
@@ -141,6 +147,69 @@ def clean_up(label: np.ndarray, brain: np.ndarray | None = None, keep_fraction: 
         out[ndimage.binary_fill_holes(core) & ~core] = 1
         whole = out > 0
         out[ndimage.binary_fill_holes(whole) & ~whole] = 2
+    return out
+
+
+def _close_with_nearest_label(label: np.ndarray, ball: np.ndarray, inside: np.ndarray, radius: int) -> None:
+    """Closing of ``label > 0`` in place, inside ``inside``; only the tumour's bounding box (plus the
+    radius) is touched, so a whole scan costs what its tumour costs."""
+    where = np.argwhere(label > 0)
+    if not len(where):
+        return
+    pad = 2 * radius + 1
+    box = tuple(slice(max(a - pad, 0), b + pad + 1) for a, b in zip(where.min(0), where.max(0), strict=True))
+    part = label[box]
+    # border_value=0 is outside the box, which is at least the closing's reach from the tumour.
+    added = ndimage.binary_closing(part > 0, ball) & (part == 0) & inside[box]
+    if added.any():
+        _, nearest = ndimage.distance_transform_edt(part == 0, return_indices=True)
+        part[added] = part[tuple(index[added] for index in nearest)]
+
+
+def mean_field_refine(probabilities: np.ndarray, image: np.ndarray, weight: float = 1.0, sigma: float = 1.0,
+                      iterations: int = 3, background_floor: float = 0.9) -> np.ndarray:
+    """A CRF-style refinement: mean-field inference of a contrast-sensitive Potts model over the
+    6-neighbourhood, with the net's probabilities as unaries (a local, cheap cousin of DeepMedic's
+    fully connected CRF).
+
+    Each iteration, a voxel's log-probability of class ``l`` gains ``weight`` times the sum over its
+    neighbours of their probability of ``l``, each neighbour weighted by ``exp(-|I_v - I_u|^2 / 2 sigma^2)``
+    over the modalities: labels spread between similar-looking neighbours, not across intensity edges.
+    Only the box around voxels whose background probability is below ``background_floor`` is refined.
+
+    Args:
+        probabilities: ``[K, D, H, W]``.
+        image: ``[C, D, H, W]`` normalised modalities.
+        weight: strength of the pairwise term (0 returns the probabilities unchanged).
+        sigma: intensity scale of the contrast sensitivity (in normalised units).
+        iterations: mean-field updates.
+        background_floor: voxels at least this sure of background, away from the rest, are left alone.
+
+    Returns:
+        Refined ``[K, D, H, W]`` probabilities.
+    """
+    out = probabilities.copy()
+    where = np.argwhere(probabilities[0] < background_floor)
+    if weight == 0 or not len(where):
+        return out
+    pad = iterations + 1  # how far labels can travel in that many updates
+    box = tuple(slice(max(a - pad, 0), b + pad + 1) for a, b in zip(where.min(0), where.max(0), strict=True))
+    unary = np.log(np.clip(probabilities[(slice(None), *box)], 1e-6, 1.0))
+    part = image[(slice(None), *box)]
+    # Affinity of each voxel with its next neighbour along each axis.
+    affinity = [np.exp(-(np.diff(part, axis=a + 1) ** 2).sum(0) / (2 * sigma ** 2)) for a in range(3)]
+    q = probabilities[(slice(None), *box)]
+    for _ in range(iterations):
+        message = np.zeros_like(q)
+        for axis, w in enumerate(affinity):
+            lo, hi = [slice(None)] * 4, [slice(None)] * 4
+            lo[axis + 1], hi[axis + 1] = slice(None, -1), slice(1, None)
+            message[tuple(lo)] += w * q[tuple(hi)]
+            message[tuple(hi)] += w * q[tuple(lo)]
+        logits = unary + weight * message
+        q = np.exp(logits - logits.max(0))
+        q /= q.sum(0)
+    out[(slice(None), *box)] = q
     return out
 
 

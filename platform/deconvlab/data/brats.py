@@ -12,7 +12,7 @@ Layout of a root folder (``../shared/data/brats``; any folder laid out like it v
 Each case is decoded and normalised ONCE (z-score inside the brain mask, 0 outside) and kept in a
 process-wide cache; patches are then plain slices of the cached, padded array.
 
-Patch layouts (the model contract is one input tensor):
+Patch layouts (the model contract is one input tensor; cut by :mod:`deconvlab.data.patches`):
 
 * ``patch_dims=3`` (DeepMedic-like): ``[2C, S, S, S]``: channels ``0..C-1`` are the S^3 patch around
   the centre voxel; channels ``C..2C-1`` are the context patch, the ``(f*S)^3`` region around the same
@@ -29,12 +29,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from deconvlab.data.patches import PatchGeometry, context_pool, extract_patch, geometry_of, pad_image
 from deconvlab.errors import UserError
 
 LABEL_FILE, MASK_FILE = "otmulticlass", "brainmask"
@@ -155,61 +157,6 @@ def phantom_cases(count: int, first_seed: int, size: int) -> list[Case]:
     return cases
 
 
-# ------------------------------------------------------------------------------------------ patches
-@dataclass(frozen=True)
-class PatchGeometry:
-    """How a patch is cut around a centre voxel (see the module docstring for the layouts)."""
-
-    patch_dims: int = 3
-    patch_size: int = 9
-    context_factor: int = 3
-    slices: int = 1
-
-    def __post_init__(self) -> None:
-        if self.patch_dims not in (2, 3):
-            raise UserError(f"patch_dims must be 2 or 3, got {self.patch_dims}", "data.patch_dims")
-        for key, value in (("patch_size", self.patch_size), ("context_factor", self.context_factor),
-                           ("slices", self.slices)):
-            if value < 1 or value % 2 == 0:
-                raise UserError(f"{key} must be odd and >= 1 (a patch is centred on a voxel), got {value}",
-                                f"data.{key}")
-
-    @property
-    def margin(self) -> int:
-        """Voxels needed on each side of a centre (the padding that keeps every centre valid)."""
-        if self.patch_dims == 2:
-            return max(self.patch_size // 2, self.slices // 2)
-        return (self.context_factor * self.patch_size) // 2
-
-    def channels(self, modalities: int) -> int:
-        if self.patch_dims == 2:
-            return modalities * self.slices
-        return modalities * (2 if self.context_factor > 1 else 1)
-
-
-def pad_image(image: np.ndarray, margin: int) -> np.ndarray:
-    """Zero-pad the spatial axes (0 is the normalised value outside the brain)."""
-    return np.pad(image, [(0, 0)] + [(margin, margin)] * (image.ndim - 1))
-
-
-def extract_patch(padded: np.ndarray, centre: Sequence[int], geometry: PatchGeometry) -> np.ndarray:
-    """The model input around ``centre`` (unpadded voxel coordinates) from an image padded by
-    ``geometry.margin``."""
-    c = np.asarray(centre) + geometry.margin
-    h = geometry.patch_size // 2
-    if geometry.patch_dims == 2:
-        k = geometry.slices // 2
-        block = padded[:, c[0] - h:c[0] + h + 1, c[1] - h:c[1] + h + 1, c[2] - k:c[2] + k + 1]
-        return np.ascontiguousarray(block.transpose(0, 3, 1, 2).reshape(-1, block.shape[1], block.shape[2]))
-    local = padded[:, c[0] - h:c[0] + h + 1, c[1] - h:c[1] + h + 1, c[2] - h:c[2] + h + 1]
-    if geometry.context_factor == 1:
-        return np.ascontiguousarray(local)
-    f, s, big = geometry.context_factor, geometry.patch_size, geometry.margin
-    region = padded[:, c[0] - big:c[0] + big + 1, c[1] - big:c[1] + big + 1, c[2] - big:c[2] + big + 1]
-    context = region.reshape(-1, s, f, s, f, s, f).mean(axis=(2, 4, 6))
-    return np.concatenate([local, context.astype(np.float32)])
-
-
 class CentredPatchDataset(Dataset):
     """Patches around given centre voxels; each item is ``{"image": patch, "label": centre class}``.
 
@@ -221,15 +168,17 @@ class CentredPatchDataset(Dataset):
 
     def __init__(self, cases: Sequence[Case], centres: np.ndarray, geometry: PatchGeometry) -> None:
         self.cases, self.centres, self.geometry = list(cases), centres, geometry
-        # Padded once per case, shared by all patches: extraction is then pure slicing.
+        # Padded (and context-pooled) once per case, shared by all patches: extraction is then pure slicing.
         self.padded = [pad_image(case.image, geometry.margin) for case in self.cases]
+        with_context = geometry.patch_dims == 3 and geometry.context_factor > 1
+        self.pooled = [context_pool(p, geometry.context_factor) if with_context else None for p in self.padded]
 
     def __len__(self) -> int:
         return len(self.centres)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         case, *centre = (int(v) for v in self.centres[index])
-        patch = extract_patch(self.padded[case], centre, self.geometry)
+        patch = extract_patch(self.padded[case], centre, self.geometry, self.pooled[case])
         label = int(self.cases[case].label[tuple(centre)])
         return {"image": torch.from_numpy(patch), "label": torch.tensor(label, dtype=torch.long)}
 
@@ -294,6 +243,9 @@ class BratsDataModule(pl.LightningDataModule):
         samples_per_epoch, eval_samples: training / validation patches.
         phantom_cases, phantom_size: number and side of phantom cases per split when ``root`` is None.
         plan_dir: where to write the plan (the run's output folder); None writes nothing.
+        layout_of: a patch net (``${model}`` in a config) whose input layout replaces ``patch_dims``,
+            ``patch_size``, ``context_factor`` and ``slices``: a sweep over architectures then switches
+            the patch layout with the net.
     """
 
     def __init__(self, root: str | None = None, split: str = "val",
@@ -303,15 +255,16 @@ class BratsDataModule(pl.LightningDataModule):
                  samples_per_epoch: int = 2048, eval_samples: int = 2048, batch_size: int = 64,
                  num_workers: int = 0, seed: int = 0, num_classes: int = 5, ignore_index: int = -100,
                  in_channels: int | None = None, phantom_cases: int = 3, phantom_size: int = 32,
-                 plan_dir: str | None = None) -> None:
+                 plan_dir: str | None = None, layout_of: Any = None) -> None:
         super().__init__()
         self.root, self.split, self.modalities = root, split, tuple(modalities)
-        self.geometry = PatchGeometry(patch_dims, patch_size, context_factor, slices)
+        modality_count = len(self.modalities) if root is not None else 2
+        self.geometry = (geometry_of(layout_of, modality_count) if layout_of is not None
+                         else PatchGeometry(patch_dims, patch_size, context_factor, slices))
         self.tumour_fraction, self.label_fractions = tumour_fraction, label_fractions
         self.samples_per_epoch, self.eval_samples = samples_per_epoch, eval_samples
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.num_classes, self.ignore_index = num_classes, ignore_index
-        modality_count = len(self.modalities) if root is not None else 2
         self.in_channels = self.geometry.channels(modality_count)
         if in_channels is not None and in_channels != self.in_channels:
             raise UserError(f"data.in_channels={in_channels} but the patch layout gives {self.in_channels} "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,6 +16,7 @@ from deconvlab.tasks.segmentation import colourise, default_palette
 
 # The BraTS convention: whole tumour, tumour core, enhancing tumour.
 BRATS_REGIONS: dict[str, tuple[int, ...]] = {"whole": (1, 2, 3, 4), "core": (1, 3, 4), "enhancing": (4,)}
+DEFAULT_CLEAN_UP = {"keep_fraction": 0.1, "fill_holes": True, "smooth_radius": 1}
 
 
 class RegionDice(Metric):
@@ -58,11 +61,30 @@ class VolumetricSegmentationTask(BaseTask):
         num_classes: number of label values (background included).
         regions: region name -> the labels it unites (BraTS whole/core/enhancing by default).
         class_weights: optional per-class loss weights.
+        volume_eval: when to label the validation cases' whole volumes with a patch net's dense inference
+            ("never", "last" = the last training epoch and every ``validate``, "every" epoch): a per-case
+            table (Dice, sensitivity, HD95 per region, with and without clean-up) and contour overlays
+            are logged (see :mod:`deconvlab.volume_report`); needs a net with ``dense_logits`` and a data
+            module whose ``eval_set`` holds ``cases`` (BraTS / phantom cases).
+        clean_up: keyword arguments of :func:`deconvlab.inference.clean_up` for the "cleaned" rows;
+            None leaves the clean-up out.
+        crf: keyword arguments of :func:`deconvlab.inference.mean_field_refine` for "crf" rows (the
+            refinement, then the clean-up); None (default) leaves it out.
+        volume_tile: dense inference tile side.
         **kwargs: see :class:`~deconvlab.tasks.base.BaseTask`.
     """
 
     def __init__(self, *args, num_classes: int, regions: Mapping[str, Sequence[int]] | None = None,
-                 class_weights: Sequence[float] | None = None, **kwargs) -> None:
+                 class_weights: Sequence[float] | None = None, volume_eval: str = "last",
+                 clean_up: Mapping[str, Any] | None = DEFAULT_CLEAN_UP, crf: Mapping[str, Any] | None = None,
+                 volume_tile: int = 48, **kwargs) -> None:
+        if volume_eval not in ("never", "last", "every"):
+            raise ValueError(f"task.volume_eval must be never, last or every, got {volume_eval!r}")
+        self.volume_eval, self.volume_tile = volume_eval, volume_tile
+        self.clean_up = dict(clean_up) if clean_up is not None else None
+        self.crf = dict(crf) if crf is not None else None
+        self.volume_rows: list[dict[str, Any]] = []
+        self.volume_overlays: dict[str, np.ndarray] = {}
         self.num_classes = num_classes
         self.regions = {k: list(v) for k, v in (regions or BRATS_REGIONS).items()}
         kwargs.setdefault("monitor", "val/dice_mean")
@@ -112,3 +134,48 @@ class VolumetricSegmentationTask(BaseTask):
                 to_uint8(shown[top:top + h, left:left + w]), colourise(labels[i, z], self.palette),
                 colourise(predictions[i, z], self.palette))
         return samples
+
+    # -- whole-volume evaluation -------------------------------------------------------------------
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        cases = getattr(getattr(self.trainer.datamodule, "eval_set", None), "cases", None) \
+            if self.trainer.datamodule is not None else None
+        if not self._volume_eval_due() or not cases or not hasattr(self.model, "dense_logits"):
+            return
+        from deconvlab.volume_report import evaluate_cases, summarise
+
+        self.volume_rows, self.volume_overlays = evaluate_cases(self.model, cases, self.volume_tile,
+                                                                self.clean_up, self.crf)
+        self.log_dict({f"val/{k}": v for k, v in summarise(self.volume_rows).items()}, sync_dist=True)
+        self.rendered_samples.update(self.volume_overlays)  # written beside the other samples by SampleImages
+        self._log_volume_table()
+
+    def _volume_eval_due(self) -> bool:
+        trainer = self.trainer
+        if self.volume_eval == "never" or trainer.sanity_checking:
+            return False
+        if self.volume_eval == "every" or trainer.state.fn != "fit":  # validate/test: every time
+            return True
+        return trainer.max_epochs is not None and self.current_epoch + 1 >= trainer.max_epochs
+
+    def _log_volume_table(self) -> None:
+        """``volume/per_case_epochNNN.csv``: an MLflow artifact, or (training without a logger: a sweep
+        trial) a file under the run's root folder. Otherwise (``validate`` without a logger) the rows and
+        overlays stay in ``volume_rows`` / ``volume_overlays`` for the caller to log."""
+        from pytorch_lightning.loggers import MLFlowLogger
+
+        from deconvlab.volume_report import write_table
+
+        if not self.trainer.is_global_zero:
+            return
+        name = f"per_case_epoch{self.current_epoch:03d}.csv"
+        logger = next((lg for lg in self.trainer.loggers if isinstance(lg, MLFlowLogger)), None)
+        if logger is None:
+            if self.trainer.state.fn == "fit":
+                write_table(self.volume_rows, Path(self.trainer.default_root_dir) / "volume" / name)
+            return
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            logger.experiment.log_artifact(logger.run_id, str(write_table(self.volume_rows, Path(folder) / name)),
+                                           "volume")

@@ -1,0 +1,99 @@
+"""Patches cut around a centre voxel of a normalised volume, in the layouts the MRI patch nets take
+(see :mod:`deconvlab.data.brats` for the layouts), and the layout a given net expects."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from deconvlab.errors import UserError
+
+
+@dataclass(frozen=True)
+class PatchGeometry:
+    """How a patch is cut around a centre voxel (the layouts: :mod:`deconvlab.data.brats`)."""
+
+    patch_dims: int = 3
+    patch_size: int = 9
+    context_factor: int = 3
+    slices: int = 1
+
+    def __post_init__(self) -> None:
+        if self.patch_dims not in (2, 3):
+            raise UserError(f"patch_dims must be 2 or 3, got {self.patch_dims}", "data.patch_dims")
+        for key, value in (("patch_size", self.patch_size), ("context_factor", self.context_factor),
+                           ("slices", self.slices)):
+            if value < 1 or value % 2 == 0:
+                raise UserError(f"{key} must be odd and >= 1 (a patch is centred on a voxel), got {value}",
+                                f"data.{key}")
+
+    @property
+    def margin(self) -> int:
+        """Voxels needed on each side of a centre (the padding that keeps every centre valid)."""
+        if self.patch_dims == 2:
+            return max(self.patch_size // 2, self.slices // 2)
+        return (self.context_factor * self.patch_size) // 2
+
+    def channels(self, modalities: int) -> int:
+        if self.patch_dims == 2:
+            return modalities * self.slices
+        return modalities * (2 if self.context_factor > 1 else 1)
+
+
+def net_slices(net: Any, modalities: int) -> int:
+    """Axial slices a 2-D net's input packs per modality (2.5-D: its channels / modalities)."""
+    if net.in_channels % modalities:
+        raise UserError(f"a 2-D net with {net.in_channels} input channels cannot take {modalities} modalities",
+                        "model.in_channels", "set it to modalities x data.slices")
+    return net.in_channels // modalities
+
+
+def geometry_of(net: Any, modalities: int) -> PatchGeometry:
+    """The patch layout a patch net's ``forward`` expects (its ``dims``, ``patch_size``, ``context_factor``)."""
+    if net.dims == 2:
+        return PatchGeometry(2, net.patch_size, 1, net_slices(net, modalities))
+    return PatchGeometry(3, net.patch_size, net.context_factor)
+
+
+def pad_image(image: np.ndarray, margin: int) -> np.ndarray:
+    """Zero-pad the spatial axes (0 is the normalised value outside the brain)."""
+    return np.pad(image, [(0, 0)] + [(margin, margin)] * (image.ndim - 1))
+
+
+def context_pool(padded: np.ndarray, factor: int) -> np.ndarray:
+    """The mean of every ``factor^3`` block at every offset (stride-1 average pooling) of a padded image.
+
+    Computed once per case, it turns a context patch into a strided slice (see :func:`extract_patch`)
+    instead of a ``(f*S)^3`` average per patch.
+    """
+    import torch.nn.functional as F
+
+    pooled = F.avg_pool3d(torch.from_numpy(np.ascontiguousarray(padded, np.float32))[None], factor, stride=1)
+    return pooled[0].numpy()
+
+
+def extract_patch(padded: np.ndarray, centre: Sequence[int], geometry: PatchGeometry,
+                  pooled: np.ndarray | None = None) -> np.ndarray:
+    """The model input around ``centre`` (unpadded voxel coordinates) from an image padded by
+    ``geometry.margin``; ``pooled`` = :func:`context_pool` of it makes the context patch a slice."""
+    c = np.asarray(centre) + geometry.margin
+    h = geometry.patch_size // 2
+    if geometry.patch_dims == 2:
+        k = geometry.slices // 2
+        block = padded[:, c[0] - h:c[0] + h + 1, c[1] - h:c[1] + h + 1, c[2] - k:c[2] + k + 1]
+        return np.ascontiguousarray(block.transpose(0, 3, 1, 2).reshape(-1, block.shape[1], block.shape[2]))
+    local = padded[:, c[0] - h:c[0] + h + 1, c[1] - h:c[1] + h + 1, c[2] - h:c[2] + h + 1]
+    if geometry.context_factor == 1:
+        return np.ascontiguousarray(local)
+    f, s, big = geometry.context_factor, geometry.patch_size, geometry.margin
+    lo = c - big  # the context region's first voxel; its blocks start every f voxels from there
+    if pooled is not None:
+        context = pooled[:, lo[0]:lo[0] + s * f:f, lo[1]:lo[1] + s * f:f, lo[2]:lo[2] + s * f:f]
+    else:
+        region = padded[:, lo[0]:c[0] + big + 1, lo[1]:c[1] + big + 1, lo[2]:c[2] + big + 1]
+        context = region.reshape(-1, s, f, s, f, s, f).mean(axis=(2, 4, 6))
+    return np.concatenate([local, context.astype(np.float32, copy=False)])
