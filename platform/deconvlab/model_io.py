@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from deconvlab.errors import UserError
+from deconvlab.errors import UserError, first_line
 
 FLAVOR = "deconvlab"
 FORMAT_VERSION = 1
@@ -38,7 +38,8 @@ CONFIG_FILE, WEIGHTS_FILE = "config.yaml", "weights.pt"
 EXAMPLE_MAX_SIDE = 64
 TRUST_FIX = "pass --trust only if you trust where this model came from"
 TASK_FAMILIES = {"RestorationTask": "restoration", "SegmentationTask": "segmentation",
-                 "VolumetricSegmentationTask": "volumetric", "ReconstructionTask": "reconstruction"}
+                 "VolumetricSegmentationTask": "volumetric", "ReconstructionTask": "reconstruction",
+                 "LocalisationTask": "localisation"}
 
 
 @dataclass
@@ -100,7 +101,7 @@ def read_weights(path: str | Path, trust: bool = False) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0][:200]
+        first = first_line(exc)
         raise UserError(f"{Path(path).name} contains pickled objects that a safe load refuses ({first})",
                         str(path), TRUST_FIX) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
@@ -129,7 +130,7 @@ def rebuild_task(cfg: DictConfig, weights: dict[str, torch.Tensor], where: str) 
     try:
         task.model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
+        first = first_line(exc, 500)
         raise UserError(f"the weights do not fit the model built from its config: {first}", where,
                         "the config and weights come from different runs; promote the run again") from None
     return task.eval()
@@ -153,7 +154,7 @@ def example_input(task: Any, cfg: DictConfig) -> torch.Tensor:
             if len(samples) >= 2:
                 break
     except (InstantiationException, OSError, ValueError) as exc:
-        cause = str(exc.__cause__ or exc).strip().splitlines()[0]
+        cause = first_line(exc.__cause__ or exc, 500)
         raise UserError(f"cannot read the run's validation data for the model's input example: {cause}",
                         f"data.root={cfg.data.get('root')}",
                         "promote where the run's data is available") from None

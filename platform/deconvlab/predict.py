@@ -9,6 +9,8 @@ segmentation   an RGB image                   ``<stem>_labels.png`` (palette col
 volumetric     a NIfTI volume, modalities on  ``<stem>_labels.nii.gz``: uint8 labels, same grid and
                a 4th axis                     affine
 reconstruction an MNIST-like grey image       ``<stem>_reconstruction.png``, same size
+localisation   an RGB image                   ``<stem>_box.png`` (the predicted box drawn in its class's
+                                              colour) and ``<stem>_box.json`` (class, probability, box)
 ============== ============================== ==================================================
 
 Inputs are prepared the way the family's data modules prepare training data (grey or RGB in [0, 1];
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from deconvlab.errors import UserError
+from deconvlab.errors import UserError, first_line
 from deconvlab.model_io import LoadedModel, load_model
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -34,7 +36,8 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Networks that pool need sizes divisible by their total stride: inputs are padded to this multiple
 # when the network does not return an output of the input's size as is.
 PAD_MULTIPLE = 32
-KINDS = {"restoration": "image", "segmentation": "image", "reconstruction": "image", "volumetric": "nifti"}
+KINDS = {"restoration": "image", "segmentation": "image", "reconstruction": "image", "volumetric": "nifti",
+         "localisation": "image"}
 
 
 def _kind(path: Path) -> str | None:
@@ -74,8 +77,8 @@ def read_image(path: Path) -> np.ndarray:
         with Image.open(path) as picture:
             picture.load()
             array = np.asarray(picture)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise UserError(f"cannot read image {path.name}: {str(exc).strip().splitlines()[0]}", str(path),
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise UserError(f"cannot read image {path.name}: {first_line(exc)}", str(path),
                         "pass a valid PNG/JPEG file") from None
     if array.dtype == bool:
         return array.astype(np.float32)
@@ -106,7 +109,7 @@ def read_nifti(path: Path):
         volume = nib.load(str(path))
         data = np.asarray(volume.dataobj, dtype=np.float32)
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types (ImageFileError, EOFError, zlib...)
-        raise UserError(f"cannot read NIfTI {path.name}: {str(exc).strip().splitlines()[0][:200]}", str(path),
+        raise UserError(f"cannot read NIfTI {path.name}: {first_line(exc)}", str(path),
                         "pass a valid .nii or .nii.gz volume") from None
     return volume, data
 
@@ -136,7 +139,7 @@ def _forward(loaded: LoadedModel, x: torch.Tensor, path: Path) -> torch.Tensor:
             return loaded.network(x)
     except RuntimeError as exc:
         raise UserError(f"model {loaded.uri} cannot take {path.name} of shape {tuple(x.shape[1:])}: "
-                        f"{str(exc).strip().splitlines()[0][:160]}", str(path),
+                        f"{first_line(exc, 160)}", str(path),
                         "pass an input like the ones the model was trained on") from None
 
 
@@ -259,9 +262,33 @@ def segment_volume(loaded: LoadedModel, path: Path, out: Path) -> list[Path]:
     return [target]
 
 
+def localise(loaded: LoadedModel, path: Path, out: Path) -> list[Path]:
+    import json
+
+    from deconvlab.boxes import draw_box
+    from deconvlab.models.localisation import split_output
+
+    image = torch.from_numpy(as_channels(read_image(path), _expected_channels(loaded, 3)))[None]
+    data = loaded.cfg.data
+    trained_size = data.get("image_size") or ([data.height, data.width] if "height" in data else None)
+    # The box is normalised: predicted at the training resolution, it is drawn on the file as it is.
+    x = image if not trained_size else _resize(image, tuple(trained_size))
+    logits, boxes = split_output(_forward(loaded, x, path))
+    label = int(logits[0].argmax())
+    height, width = image.shape[2:]
+    box = boxes[0].tolist()
+    palette = _palette(loaded)
+    drawn = draw_box(_to_uint8(image[0]), box, palette[label % len(palette)], max(1, min(height, width) // 64))
+    stem = _stem(path)
+    record = {"class": label, "probability": float(logits[0].softmax(0)[label]), "box_normalised": box,
+              "box_pixels": [box[0] * width, box[1] * height, box[2] * width, box[3] * height]}
+    (out / f"{stem}_box.json").write_text(json.dumps(record, indent=1))
+    return [_save_png(drawn, out / f"{stem}_box.png"), out / f"{stem}_box.json"]
+
+
 PREDICTORS: dict[str, Callable[[LoadedModel, Path, Path], list[Path]]] = {
     "restoration": restore, "segmentation": segment, "volumetric": segment_volume,
-    "reconstruction": reconstruct,
+    "reconstruction": reconstruct, "localisation": localise,
 }
 
 

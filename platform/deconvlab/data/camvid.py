@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from deconvlab.boxes import largest_component_box
 from deconvlab.data.loaders import SplitDataModule
+from deconvlab.errors import DataError, MissingDataError
 
 CAMVID_CLASSES = ("sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car",
                   "pedestrian", "bicyclist")
@@ -44,17 +46,19 @@ def list_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
     """(image, mask) paths of ``split``, sorted by file name; a clear error if the split is unusable."""
     image_dir, mask_dir = root / split, root / f"{split}annot"
     if not image_dir.is_dir():
-        raise FileNotFoundError(f"CamVid split {split!r}: no folder {image_dir} (expected <root>/{split}/ "
-                                f"and <root>/{split}annot/; set data.root to such a folder)")
+        raise MissingDataError(f"CamVid split {split!r}: no folder {image_dir} (expected <root>/{split}/ "
+                               f"and <root>/{split}annot/)", "data.root", "set data.root to such a folder")
     images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         suffixes = "/".join(IMAGE_SUFFIXES)
-        raise FileNotFoundError(f"CamVid split {split!r} is empty: no {suffixes} images in {image_dir}")
+        raise MissingDataError(f"CamVid split {split!r} is empty: no {suffixes} images in {image_dir}",
+                               "data.split", "add images or choose another split")
     pairs = []
     for image in images:
         mask = mask_dir / f"{image.stem}.png"
         if not mask.is_file():
-            raise FileNotFoundError(f"image {image} has no label file {mask}")
+            raise MissingDataError(f"image {image} has no label file {mask}", str(mask),
+                                   "add the label file or remove the image")
         pairs.append((image, mask))
     return pairs
 
@@ -65,8 +69,8 @@ def _read(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as picture:
             return np.asarray(picture)
-    except (OSError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
-        raise ValueError(f"cannot read {path}: {error}") from error
+    except Exception as error:  # noqa: BLE001 - PIL raises OSError, SyntaxError, DecompressionBombError...
+        raise DataError(f"cannot read {path}: {error}", str(path), "replace or remove the damaged file") from error
 
 
 def read_pair(image_path: Path, mask_path: Path, num_classes: int,
@@ -77,15 +81,17 @@ def read_pair(image_path: Path, mask_path: Path, num_classes: int,
         image = np.repeat(image[..., None], 3, axis=-1)
     image = image[..., :3]
     if mask.ndim != 2:
-        raise ValueError(f"label file {mask_path} must be a single-channel class-index image, "
-                         f"got shape {mask.shape}")
+        raise DataError(f"label file {mask_path} must be a single-channel class-index image, "
+                        f"got shape {mask.shape}", str(mask_path), "save labels as 8-bit class indices")
     if mask.shape != image.shape[:2]:
-        raise ValueError(f"label file {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {image_path} "
-                         f"is {image.shape[1]}x{image.shape[0]} (width x height)")
+        raise DataError(f"label file {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {image_path} "
+                        f"is {image.shape[1]}x{image.shape[0]} (width x height)", str(mask_path),
+                        "give every image a label file of its own size")
     bad = np.unique(mask[(mask >= num_classes) & (mask != ignore_index)])
     if bad.size:
-        raise ValueError(f"label file {mask_path} has values {bad.tolist()} outside the classes "
-                         f"0..{num_classes - 1} (void = {ignore_index}); check data.num_classes")
+        raise DataError(f"label file {mask_path} has values {bad.tolist()} outside the classes "
+                        f"0..{num_classes - 1} (void = {ignore_index})", str(mask_path),
+                        "check data.num_classes and data.ignore_index")
     return image, mask
 
 
@@ -163,12 +169,18 @@ def _reseed_worker(worker_id: int) -> None:
 
 
 class SegmentationFolderDataset(Dataset):
-    """(image, mask) files as dicts: ``image`` [3,H,W] float in [0,1], ``mask`` [H,W] long."""
+    """(image, mask) files as dicts: ``image`` [3,H,W] float in [0,1], ``mask`` [H,W] long.
+
+    With ``box_classes``, also ``box`` (the pixel box, x1/y1 exclusive, of the largest connected region of
+    one of those classes, found after resizing and augmentation) and ``box_label`` (its class;
+    ``ignore_index`` with an empty box when the image has none of them).
+    """
 
     def __init__(self, pairs: list[tuple[Path, Path]], num_classes: int, ignore_index: int,
-                 transform=None) -> None:
+                 transform=None, box_classes: tuple[int, ...] | None = None) -> None:
         self.pairs, self.transform = pairs, transform
         self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.box_classes = box_classes
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -178,8 +190,23 @@ class SegmentationFolderDataset(Dataset):
         if self.transform is not None:
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
-        return {"image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255,
-                "mask": torch.from_numpy(np.ascontiguousarray(mask)).long()}
+        sample = {"image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255,
+                  "mask": torch.from_numpy(np.ascontiguousarray(mask)).long()}
+        if self.box_classes:
+            box, label = largest_component_box(mask, self.box_classes)
+            sample["box"] = torch.from_numpy(box)
+            sample["box_label"] = torch.tensor(self.ignore_index if label is None else label)
+        return sample
+
+
+def _check_box_classes(box_classes: list[int] | None, num_classes: int) -> tuple[int, ...] | None:
+    if box_classes is None:
+        return None
+    classes = tuple(int(c) for c in box_classes)
+    if not classes or any(not 0 <= c < num_classes for c in classes):
+        raise ValueError(f"data.box_classes={list(box_classes)} must be a non-empty list of classes in "
+                         f"0..{num_classes - 1} (CamVid: 8 car, 9 pedestrian, 10 bicyclist), or null")
+    return classes
 
 
 class CamVidDataModule(SplitDataModule):
@@ -196,18 +223,22 @@ class CamVidDataModule(SplitDataModule):
         num_classes: 11 for CamVid.
         ignore_index: the void label, ignored by loss and metrics (11 for CamVid).
         palette: RGB colour per class; None reads ``camvid11_palette.png`` when the root has it.
+        box_classes: classes whose largest connected region gives every sample a ``box`` and
+            ``box_label`` (e.g. [8] for cars), for the localisation task and segmenters' box metrics.
     """
 
     def __init__(self, root: str | None = None, split: str = "val", image_size: tuple[int, int] | None = None,
                  augment: bool = True, batch_size: int = 8, num_workers: int = 0, seed: int = 0,
                  num_classes: int = len(CAMVID_CLASSES), ignore_index: int = CAMVID_VOID,
-                 palette: list[list[int]] | None = None) -> None:
+                 palette: list[list[int]] | None = None, box_classes: list[int] | None = None) -> None:
         super().__init__()
+        self.box_classes = _check_box_classes(box_classes, num_classes)
         self.root = Path(root) if root is not None else default_camvid_root()
         if not self.root.is_dir():
-            raise FileNotFoundError(
-                f"CamVid folder {self.root} does not exist: set data.root to a folder in the SegNet layout "
-                "(train/, trainannot/, val/, valannot/), or use data=shapes")
+            raise MissingDataError(
+                f"CamVid folder {self.root} does not exist", "data.root",
+                "set data.root to a folder in the SegNet layout (train/, trainannot/, val/, valannot/), "
+                "or use data=shapes")
         self.split, self.augment = split, augment
         self.image_size = tuple(image_size) if image_size is not None else None
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
@@ -221,7 +252,7 @@ class CamVidDataModule(SplitDataModule):
         """The files of ``split``, resized (and augmented if asked) like this module's loaders do."""
         transform = build_transform(self.image_size, augment, self.ignore_index, self.seed)
         return SegmentationFolderDataset(self.list_pairs(split), self.num_classes, self.ignore_index,
-                                         transform)
+                                         transform, self.box_classes)
 
     def list_pairs(self, split: str) -> list[tuple[Path, Path]]:
         """(image, mask) files of ``split`` in this data set's folder layout."""

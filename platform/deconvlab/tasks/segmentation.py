@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassJaccardIndex
 
+from deconvlab.boxes import BOX_METRIC_NAMES, BoxMetrics, boxes_from_label_maps, normalise_boxes
 from deconvlab.tasks.base import BaseTask, side_by_side, to_uint8
 
 
@@ -58,17 +59,27 @@ def render_confusion(counts: np.ndarray) -> np.ndarray:
 class SegmentationTask(BaseTask):
     """Per-pixel cross-entropy; pixel accuracy, mean class accuracy and mIoU, ignoring ``ignore_index``.
 
+    When validation batches carry a ``box`` and ``box_label`` (the largest object's box, see
+    :mod:`deconvlab.tasks.localisation`), the segmenter is also scored as a localiser: its answer is the
+    box around the largest connected region of predicted object pixels (``box_classes``) and that region's
+    class, giving ``val/accuracy``, ``val/box_iou`` and ``val/acc_iou50`` under the same names and
+    definitions as the localisation task (:class:`~deconvlab.boxes.BoxMetrics`).
+
     Args:
         num_classes: number of classes (void excluded).
         ignore_index: label value excluded from loss and metrics (CamVid's void is 11).
         class_weights: optional per-class loss weights (e.g. median frequency balancing).
         palette: optional [K, 3] RGB colours for the sample overlays.
+        box_classes: the object classes whose regions count as boxes; None: the data module's
+            ``box_classes`` (every class but the background for shapes).
+        box_metrics: declare the box metrics (so sweeps may rank by them) and require boxes in every
+            validation batch; off, they are still computed for batches that carry a box.
         **kwargs: see :class:`~deconvlab.tasks.base.BaseTask`.
     """
 
     def __init__(self, *args, num_classes: int, ignore_index: int = -100,
                  class_weights: Sequence[float] | None = None, palette: Sequence[Sequence[int]] | None = None,
-                 **kwargs) -> None:
+                 box_classes: Sequence[int] | None = None, box_metrics: bool = False, **kwargs) -> None:
         self.num_classes, self.ignore_index = num_classes, ignore_index
         kwargs.setdefault("monitor", "val/miou")
         kwargs.setdefault("monitor_mode", "max")
@@ -78,12 +89,21 @@ class SegmentationTask(BaseTask):
         self.palette = np.asarray(palette, np.uint8) if palette is not None else default_palette(num_classes)
         self._palette_given = palette is not None
         self.confusion = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index)
+        self.box_classes = tuple(box_classes) if box_classes is not None else None
+        self.box_metrics = box_metrics
+        self.box_scores = BoxMetrics(ignore_index)
 
     def setup(self, stage: str) -> None:
         # A data set's own palette (e.g. CamVid's palette file) wins over generated colours.
-        palette = getattr(getattr(self.trainer, "datamodule", None), "palette", None)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        palette = getattr(datamodule, "palette", None)
         if not self._palette_given and palette is not None:
             self.palette = np.asarray(palette, np.uint8)
+        if self.box_classes is None and getattr(datamodule, "box_classes", None) is not None:
+            self.box_classes = tuple(datamodule.box_classes)
+
+    def val_metric_names(self) -> list[str]:
+        return [*super().val_metric_names(), *(BOX_METRIC_NAMES if self.box_metrics else ())]
 
     def build_metrics(self) -> MetricCollection:
         k, ignore = self.num_classes, self.ignore_index
@@ -107,9 +127,27 @@ class SegmentationTask(BaseTask):
     def update_metrics(self, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
         super().update_metrics(output, batch)
         self.confusion.update(output, batch["mask"])
+        if "box" in batch or self.box_metrics:
+            self.update_box_metrics(output, batch)
+
+    def update_box_metrics(self, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        """Score the box around the largest predicted object region against the batch's box."""
+        if "box" not in batch or "box_label" not in batch:
+            raise KeyError(f"box metrics need batches with 'box' and 'box_label', got {sorted(batch)}: use "
+                           "data=shapes, or data=camvid with data.box_classes=[8] (car)")
+        if self.box_classes is None:
+            raise ValueError("box metrics need the object classes: set task.box_classes, or use a data "
+                             "module that declares box_classes (shapes, camvid with data.box_classes)")
+        boxes, labels = boxes_from_label_maps(output.argmax(dim=1), self.box_classes)
+        height, width = output.shape[-2:]
+        self.box_scores.update(boxes, labels, normalise_boxes(batch["box"], height, width), batch["box_label"])
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
+        if self.box_scores.update_count:
+            self.log_dict({f"val/{k}": v for k, v in self.box_scores.compute().items()}, prog_bar=False,
+                          sync_dist=True)
+            self.box_scores.reset()
         if self._wants_samples():
             self.rendered_samples["confusion_matrix"] = render_confusion(self.confusion.compute().cpu().numpy())
         self.confusion.reset()
