@@ -1,18 +1,22 @@
 """How fast each data module feeds its model, and how much of a training step waits for data.
 
-For each data module (its default config: default ``num_workers``, batch size, augmentation), with
-the model of one experiment that trains on it, one intra-op thread:
+For each data module (its default config: batch size, augmentation, and the default ``num_workers``
+unless ``--workers`` lists others to compare), with the model of one experiment that trains on it,
+one intra-op thread in the training process:
 
 1. loader: samples/s of the training ``DataLoader`` alone (decode, degrade or augment, crop, patch
    sampling, collate), the first batch (worker start, lazy set-up) left out;
 2. model: training steps/s (forward, backward, optimiser step) on one batch held in memory;
-3. together: a plain training loop over the loader, timing the wait in ``next(loader)`` apart from the
-   step; the waiting fraction is wait / (wait + step).
+3. together: a plain training loop over ``--epochs`` epochs of the loader (as many as ``--batches``
+   batches each), timing the wait in ``next(loader)`` apart from the step. "waiting" is wait /
+   (wait + step) without the first batch of each epoch; "all-in" keeps it, so it also pays loader
+   workers' start-up (the first epoch) and their restart (none with persistent workers): that is what
+   the many short trainings of a sweep or a test suite see. "start s" is the first batch's wait.
 
 BraTS (``../shared/data/brats``) and CamVid (``../shared/data/camvid``) are measured when present.
 Data module set-up (case decoding, plan, synthetic generation) is excluded and printed apart.
 
-    python benchmarks/data_pipeline.py [--batches 20] [--smoke-test]
+    python benchmarks/data_pipeline.py [--batches 40] [--epochs 2] [--workers 0 1 2] [--smoke-test]
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ MODULES = {
 }
 
 
-def build(experiment: str):  # noqa: ANN201
+def build(experiment: str, workers: int | None):  # noqa: ANN201
     """The composed config, the set-up data module and the task (model + loss)."""
     import pytorch_lightning as pl
     from hydra.utils import instantiate
@@ -43,7 +47,8 @@ def build(experiment: str):  # noqa: ANN201
     from deconvlab.config import compose_config
     from deconvlab.train import build_task
 
-    cfg = compose_config([f"experiment={experiment}", "trainer.accelerator=cpu"])
+    overrides = [f"experiment={experiment}", "trainer.accelerator=cpu"]
+    cfg = compose_config(overrides + ([] if workers is None else [f"data.num_workers={workers}"]))
     pl.seed_everything(cfg.seed, verbose=False)
     datamodule = instantiate(cfg.data)
     start = time.perf_counter()
@@ -89,27 +94,52 @@ def model_rate(task, optimizer, batch, steps: int) -> float:  # noqa: ANN001
     return steps / (time.perf_counter() - start)
 
 
-def waiting_fraction(task, optimizer, loader, batches: int) -> float:  # noqa: ANN001
-    """Share of loop time spent in ``next(loader)``, the first batch left out."""
-    iterator = iter(loader)
-    train_step(task, optimizer, next(iterator))
-    wait = compute = 0.0
-    for _ in range(batches):
-        start = time.perf_counter()
-        try:
+def waiting_fractions(task, optimizer, loader, batches: int, epochs: int) -> tuple[float, float, float]:  # noqa: ANN001
+    """Steady waiting share, all-in waiting share (first batches included), first batch's wait in s."""
+    waits: list[list[float]] = []
+    steps: list[list[float]] = []
+    for _ in range(epochs):
+        waits.append([])
+        steps.append([])
+        iterator = iter(loader)
+        for _ in range(min(batches, len(loader))):
+            start = time.perf_counter()
             batch = next(iterator)
-        except StopIteration:
-            iterator = iter(loader)
-            batch = next(iterator)
-        middle = time.perf_counter()
-        train_step(task, optimizer, batch)
-        wait, compute = wait + middle - start, compute + time.perf_counter() - middle
-    return wait / (wait + compute)
+            middle = time.perf_counter()
+            train_step(task, optimizer, batch)
+            waits[-1].append(middle - start)
+            steps[-1].append(time.perf_counter() - middle)
+        del iterator  # an epoch that stops early must not leave a non-persistent worker pool behind
+    steady = sum(sum(w[1:]) for w in waits)
+    steady_compute = sum(sum(c[1:]) for c in steps)
+    every, compute = sum(sum(w) for w in waits), sum(sum(c) for c in steps)
+    return steady / (steady + steady_compute), every / (every + compute), waits[0][0]
+
+
+def measure(name: str, experiment: str, workers: int | None, batches: int, epochs: int) -> tuple:
+    cfg, datamodule, task, setup_s = build(experiment, workers)
+    task.train()
+    optimizer = optimiser_of(task)
+    loader = datamodule.train_dataloader()
+    samples_s, batch_size = loader_rate(loader, batches)
+    steps_s = model_rate(task, optimizer, next(iter(loader)), batches)
+    # A fresh loader, so the all-in figure pays worker start-up as a training run does.
+    steady, all_in, start_s = waiting_fractions(task, optimizer, datamodule.train_dataloader(), batches, epochs)
+    return (name, experiment, loader.num_workers, batch_size, setup_s, samples_s, steps_s, steady, all_in, start_s)
+
+
+def format_row(name: str, experiment: str, workers: int, batch: int, setup_s: float, samples_s: float,
+               steps_s: float, steady: float, all_in: float, start_s: float) -> str:
+    return (f"{name:15s} {experiment:24s} {workers:7d} {batch:5d} {setup_s:7.2f} {samples_s:12.0f} "
+            f"{steps_s * batch:11.0f} {steps_s:12.1f} {steady:8.1%} {all_in:7.1%} {start_s:7.2f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batches", type=int, default=20, help="batches timed per measurement")
+    parser.add_argument("--batches", type=int, default=40, help="batches timed per figure (per epoch)")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs of the waiting measurement")
+    parser.add_argument("--workers", type=int, nargs="*", default=None,
+                        help="num_workers values to compare (default: each config's own)")
     parser.add_argument("--modules", nargs="*", default=list(MODULES), choices=list(MODULES))
     parser.add_argument("--smoke-test", action="store_true", help="3 batches of the synthetic modules")
     args = parser.parse_args()
@@ -126,22 +156,17 @@ def main() -> None:
         if needs is not None and not (SHARED_DATA / needs).is_dir():
             print(f"skipping {name}: {SHARED_DATA / needs} is absent")
             continue
-        cfg, datamodule, task, setup_s = build(experiment)
-        task.train()
-        optimizer = optimiser_of(task)
-        loader = datamodule.train_dataloader()
-        samples_s, batch_size = loader_rate(loader, args.batches)
-        steps_s = model_rate(task, optimizer, next(iter(loader)), args.batches)
-        waiting = waiting_fraction(task, optimizer, loader, args.batches)
-        rows.append((name, experiment, loader.num_workers, batch_size, setup_s, samples_s, steps_s, waiting))
+        for workers in args.workers or [None]:
+            rows.append(format_row(*measure(name, experiment, workers, args.batches, args.epochs)))
+            print(f"measured: {rows[-1]}", flush=True)  # long runs: a row as soon as it is known
 
-    print(f"\n{args.batches} batches per figure, 1 thread, default num_workers and batch size")
+    print(f"\n{args.batches} batches per figure, {args.epochs} epochs for waiting, 1 thread, "
+          f"num_workers {'as configured' if args.workers is None else args.workers}")
     print(f"{'data':15s} {'experiment':24s} {'workers':>7s} {'batch':>5s} {'setup s':>7s} {'loader smp/s':>12s} "
-          f"{'model smp/s':>11s} {'model step/s':>12s} {'waiting':>8s}")
-    for name, experiment, workers, batch, setup_s, samples_s, steps_s, waiting in rows:
-        print(f"{name:15s} {experiment:24s} {workers:7d} {batch:5d} {setup_s:7.2f} {samples_s:12.0f} "
-              f"{steps_s * batch:11.0f} {steps_s:12.1f} {waiting:8.1%}")
-    print("waiting = time in next(loader) / (that + training step), in a plain loop over the loader")
+          f"{'model smp/s':>11s} {'model step/s':>12s} {'waiting':>8s} {'all-in':>7s} {'start s':>7s}")
+    print("\n".join(rows))
+    print("waiting = time in next(loader) / (that + training step), first batch of each epoch left out; "
+          "all-in: with them (worker start-up)")
 
 
 if __name__ == "__main__":

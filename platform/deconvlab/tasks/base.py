@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 from torchmetrics import MetricCollection
 
+from deconvlab.perf import to_channels_last
+
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., Any]
 
@@ -49,6 +51,9 @@ class BaseTask(pl.LightningModule):
         self.sample_every_n_epochs, self.num_samples = sample_every_n_epochs, num_samples
         self.val_metrics = self.build_metrics()
         self._samples_seen = 0
+        self._train_loss_sum: torch.Tensor | None = None
+        self._train_samples = 0
+        self.channels_last = False  # set by deconvlab.perf.apply_perf (config perf.channels_last)
         self.rendered_samples: dict[str, np.ndarray] = {}
         self.num_params = sum(p.numel() for p in model.parameters())
 
@@ -75,15 +80,48 @@ class BaseTask(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def _in_model_layout(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not self.channels_last:
+            return batch
+        # Inputs in the weights' layout: a convolution with channels-last weights and NCHW input would
+        # convert the input on every call.
+        return {k: to_channels_last(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, _ = self.step(batch)
-        # Not on the progress bar: Lightning reads progress-bar values back with .item() after every
-        # batch, which is a device sync per step on a GPU.
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=False,
-                 batch_size=self.batch_size_of(batch))
+        loss, _ = self.step(self._in_model_layout(batch))
+        self._accumulate_train_loss(loss.detach(), self.batch_size_of(batch))
+        # self.log costs ~0.5 ms of bookkeeping a call (more than a small model's whole step), so the step
+        # value is handed to Lightning only on the steps it writes to the loggers. Never on the progress
+        # bar: Lightning reads progress-bar values back with .item() after every batch (a GPU sync).
+        if self._logs_this_step():
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=False)
         return loss
 
+    def _logs_this_step(self) -> bool:
+        """Whether Lightning writes step metrics to the loggers after this step (``log_every_n_steps``)."""
+        every = self.trainer.log_every_n_steps
+        return bool(every) and ((self.global_step + 1) % every == 0 or self.trainer.should_stop)
+
+    def _accumulate_train_loss(self, loss: torch.Tensor, batch_size: int) -> None:
+        # A running sum on the loss's device: no sync, one tiny kernel a step.
+        weighted = loss.float() * batch_size
+        self._train_loss_sum = weighted if self._train_loss_sum is None else self._train_loss_sum + weighted
+        self._train_samples += batch_size
+
+    def on_train_epoch_start(self) -> None:
+        self._train_loss_sum, self._train_samples = None, 0
+
+    def on_train_epoch_end(self) -> None:
+        if self._train_loss_sum is None:
+            return
+        mean = self._train_loss_sum / self._train_samples
+        # The sample-weighted epoch mean, as Lightning's own on_epoch=True reduction would give it;
+        # "train/loss" (not sent to the loggers) keeps the name callbacks and sweeps read.
+        self.log("train/loss_epoch", mean, on_step=False, on_epoch=True)
+        self.log("train/loss", mean, on_step=False, on_epoch=True, logger=False)
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        batch = self._in_model_layout(batch)
         loss, output = self.step(batch)
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True,
                  batch_size=self.batch_size_of(batch))
