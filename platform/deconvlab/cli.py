@@ -11,9 +11,10 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from deconvlab.errors import UserError
+from deconvlab.errors import first_line, user_error_in, was_interrupted
 
 EXIT_USER_ERROR, EXIT_INTERNAL_ERROR = 2, 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 KINDS = {"experiments": "experiment", "models": "model", "data": "data"}
 
 
@@ -79,8 +80,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     from deconvlab.runs import mlflow_ui_command
 
-    command = mlflow_ui_command(args.tracking_uri, args.port)
-    print(f"MLflow UI on http://127.0.0.1:{args.port} ({' '.join(command)})", flush=True)
+    command = mlflow_ui_command(args.tracking_uri, args.port, args.host)
+    print(f"MLflow UI on http://{args.host}:{args.port} ({' '.join(command)})", flush=True)
     os.execvp(command[0], command)
     return 0  # not reached
 
@@ -212,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 against the same store")
     ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--host", default="127.0.0.1",
+                    help="interface to listen on (default loopback only; 0.0.0.0 exposes the UI to the network)")
     ui.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     ui.set_defaults(func=cmd_ui)
 
@@ -222,26 +225,34 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_report)
 
     _add_registry_commands(sub)
+    for command in sub.choices.values():  # `deconvlab train ... --debug` works as well as `deconvlab --debug train`
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return parser
 
 
 def run_guarded(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run a subcommand, turning exceptions into one line and an exit code."""
+    """Run a subcommand, turning exceptions into one line and an exit code.
+
+    A UserError (also one that Hydra's ``instantiate`` wrapped) exits 2, Ctrl-C exits 130, anything
+    else is internal and exits 1; with ``--debug`` the traceback is shown instead.
+    """
     try:
         return func(args)
-    except UserError as exc:
-        if args.debug:
+    except (KeyboardInterrupt, SystemExit) as exc:
+        if not was_interrupted(exc):  # a deliberate sys.exit(code) goes through unchanged
             raise
-        print(f"error: {exc.one_line()}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+        print(f"error: interrupted (deconvlab {args.command}): runs were closed KILLED; "
+              "a sweep continues with deconvlab sweep NAME --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
         if args.debug:
             raise
-        print(f"error: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-              " (internal): rerun with --debug for the traceback", file=sys.stderr)
+        user_error = user_error_in(exc)
+        if user_error is not None:
+            print(f"error: {user_error.one_line()}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        print(f"error: {type(exc).__name__}: {first_line(exc, 300)} (internal, deconvlab {args.command}): "
+              "rerun with --debug for the traceback", file=sys.stderr)
         return EXIT_INTERNAL_ERROR
 
 

@@ -1,6 +1,16 @@
-"""Errors a user can act on. The CLI prints them as one line and exits with code 2."""
+"""Errors a user can act on. The CLI prints them as one line and exits with code 2.
+
+``DataError`` and ``MissingDataError`` are the data readers' errors: they are user errors (one line,
+exit 2) and also a ``ValueError`` / ``FileNotFoundError``, so code that catches the built-in types still
+catches them.
+"""
 
 from __future__ import annotations
+
+import errno
+
+# A full disk or quota is the user's to fix (free space, write elsewhere), not a bug: a user error.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class UserError(Exception):
@@ -20,3 +30,49 @@ class UserError(Exception):
         where = f" ({self.where})" if self.where else ""
         fix = f": {self.fix}" if self.fix else ""
         return f"{self.what}{where}{fix}"
+
+    def __reduce__(self):
+        # Ray ships a trial's exception to the driver by pickling: keep the three parts apart.
+        return type(self), (self.what, self.where, self.fix)
+
+
+class DataError(UserError, ValueError):
+    """A data file that cannot be used: unreadable, corrupt, truncated, mismatched or out of range."""
+
+
+class MissingDataError(UserError, FileNotFoundError):
+    """A data folder, split or file that does not exist (or a split with nothing in it)."""
+
+
+def disk_full(exc: OSError) -> UserError:
+    """The user error for a write that found the disk (or the quota) full."""
+    where = exc.filename or "paths.root_dir"
+    return UserError(f"disk full: {exc.strerror or exc}", str(where),
+                     "free space, or write outputs elsewhere with DECONVLAB_OUTPUT_ROOT=DIR (paths.root_dir)")
+
+
+def user_error_in(exc: BaseException) -> UserError | None:
+    """The UserError behind ``exc``: itself, the cause a wrapper such as Hydra's instantiate() hides, or a
+    full disk."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, UserError):
+            return exc
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return disk_full(exc)
+        seen.add(id(exc))
+        exc = exc.__cause__
+    return None
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, or its type when it has none (e.g. a bare MemoryError)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:limit] if lines else type(exc).__name__
+
+
+def was_interrupted(exc: BaseException | None) -> bool:
+    """Ctrl-C: a KeyboardInterrupt, or the ``sys.exit(1)`` Lightning raises after handling one itself."""
+    if isinstance(exc, KeyboardInterrupt):
+        return True
+    return isinstance(exc, SystemExit) and isinstance(exc.__context__, KeyboardInterrupt)

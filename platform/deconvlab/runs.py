@@ -50,11 +50,11 @@ def print_runs_table(experiment: str | None, tracking_uri: str | None, max_resul
     Console(width=200).print(table)
 
 
-def mlflow_ui_command(tracking_uri: str | None, port: int) -> list[str]:
-    """The ``mlflow ui`` command line serving the same store on 127.0.0.1."""
+def mlflow_ui_command(tracking_uri: str | None, port: int, host: str = "127.0.0.1") -> list[str]:
+    """The ``mlflow ui`` command line serving the same store, on loopback unless ``host`` says otherwise."""
     mlflow_exe = shutil.which("mlflow") or f"{sys.executable} -m mlflow"
     uri = tracking.resolve_tracking_uri(tracking_uri)
-    command = [*mlflow_exe.split(), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port),
+    command = [*mlflow_exe.split(), "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
                # One worker: the default four take a minute to answer on a small, busy machine.
                "--workers", "1"]
     if not uri.startswith("http"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -24,6 +25,8 @@ DEFAULT_ARTIFACT_ROOT = "mlartifacts"
 # MLflow's limits on one param value and on params per batch call.
 MAX_PARAM_LENGTH = 6000
 PARAMS_PER_BATCH = 100
+# Characters allowed in a folder named after an experiment; anything else (/, .., spaces) becomes "_".
+UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -41,6 +44,29 @@ def artifact_location(root: str | None = None) -> str | None:
     return Path(root).resolve().as_uri()
 
 
+def safe_name(name: str) -> str:
+    """``name`` usable as one folder name: no separators, no leading dots, never empty."""
+    return UNSAFE_NAME_CHARS.sub("_", str(name)).lstrip(".") or "unnamed"
+
+
+def checked_output_dir(cfg: DictConfig) -> Path:
+    """The run's output folder, refused when the run's ``name`` (one folder of the default
+    ``paths.output_dir``) would move it elsewhere, e.g. ``name=../../elsewhere``.
+
+    An explicit ``paths.output_dir`` is a path chosen on purpose (a sweep trial's scratch folder) and is kept.
+
+    Raises:
+        UserError: a name that is not a single folder name.
+    """
+    from deconvlab.errors import UserError
+
+    name = str(cfg.get("name"))
+    if Path(name).name != name or name in (".", ".."):
+        raise UserError(f"run name {name!r} is not a single folder name: outputs would leave paths.root_dir",
+                        "name", "use a name without '/' or '..', e.g. fcn8s_camvid")
+    return Path(cfg.paths.output_dir)
+
+
 def get_or_create_experiment(name: str, tracking_uri: str, artifact_root: str | None = None) -> str:
     """The id of experiment ``name``, created with an explicit artifact location if missing.
 
@@ -53,7 +79,7 @@ def get_or_create_experiment(name: str, tracking_uri: str, artifact_root: str | 
         return experiment.experiment_id
     location = None if tracking_uri.startswith("http") else artifact_location(artifact_root)
     if location is not None:
-        location = f"{location.rstrip('/')}/{name}"
+        location = f"{location.rstrip('/')}/{safe_name(name)}"
     try:
         return client.create_experiment(name, artifact_location=location)
     except mlflow.exceptions.MlflowException:
@@ -141,10 +167,21 @@ def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
 
 
 def status_for(exc: BaseException | None) -> str:
-    """MLflow run status for how a run ended: FINISHED, KILLED (interrupted) or FAILED."""
+    """MLflow run status for how a run ended: FINISHED, KILLED (interrupted, Ctrl-C) or FAILED."""
+    from deconvlab.errors import was_interrupted
+
     if exc is None:
         return "FINISHED"
-    return "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+    return "KILLED" if was_interrupted(exc) else "FAILED"
+
+
+def error_tag(exc: BaseException) -> str:
+    """The ``error`` tag of a run that did not finish: the exception, or that it was interrupted."""
+    from deconvlab.errors import was_interrupted
+
+    if was_interrupted(exc):
+        return "KeyboardInterrupt: interrupted (Ctrl-C or SIGINT)"
+    return f"{type(exc).__name__}: {exc}"[:5000]
 
 
 @contextlib.contextmanager
@@ -165,7 +202,7 @@ def tracked_run(experiment: str, run_name: str, tracking_uri: str, tags: Mapping
     try:
         yield client, run_id
     except BaseException as exc:
-        client.set_tag(run_id, "error", f"{type(exc).__name__}: {exc}"[:5000])
+        client.set_tag(run_id, "error", error_tag(exc))
         client.set_terminated(run_id, status_for(exc))
         raise
     client.set_terminated(run_id, "FINISHED")

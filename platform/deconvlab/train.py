@@ -23,6 +23,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 
 from deconvlab import tracking
 from deconvlab.callbacks import SampleImages
+from deconvlab.perf import apply_perf
 from deconvlab.tasks.base import BaseTask
 
 
@@ -56,7 +57,7 @@ def build_trainer(cfg: DictConfig, task: BaseTask, callbacks: Sequence[Callback]
                   loggers: Sequence[pl.loggers.Logger],
                   trainer_overrides: dict[str, Any] | None = None) -> tuple[pl.Trainer, ModelCheckpoint]:
     """The Lightning Trainer from ``cfg.trainer`` plus the platform's checkpoint and sample callbacks."""
-    output_dir = Path(cfg.paths.output_dir)
+    output_dir = tracking.checked_output_dir(cfg)  # never outside paths.root_dir
     checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best-epoch{epoch:03d}",
                                  monitor=task.monitor, mode=task.monitor_mode, save_top_k=1, save_last=True,
                                  auto_insert_metric_name=False)
@@ -126,6 +127,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (),
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     task = build_task(cfg)
+    apply_perf(task, cfg.get("perf"))  # before the run opens: a missing compiler fails fast
     with _tracked(cfg) as (client, run_id):
         loggers = [MLFlowLogger(tracking_uri=client.tracking_uri, run_id=run_id)] if run_id else []
         trainer, checkpoint = build_trainer(cfg, task, callbacks, loggers, trainer_overrides)

@@ -16,6 +16,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from deconvlab.data.degrade import Degradation
+from deconvlab.data.loaders import uses_gpu
+from deconvlab.errors import DataError, MissingDataError, first_line
 
 # Images that ship inside scikit-image (no download). chelsea and cat are the same photo: only one is used.
 SKIMAGE_SPLITS: dict[str, tuple[str, ...]] = {
@@ -54,22 +56,33 @@ def list_image_files(root: Path, split: str, val_fraction: float = 0.2) -> list[
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist")
+        raise MissingDataError(f"image folder {root} does not exist", "data.root",
+                               "point data.root at a folder of images, or null for scikit-image's")
     folder = root / split if (root / split).is_dir() else root
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if folder == root and split in ("train", "val"):
         stride = max(2, round(1 / val_fraction))
         files = [f for i, f in enumerate(files) if (i % stride == 0) == (split == "val")]
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) for split {split!r} under {folder}")
+        raise MissingDataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) for split {split!r} under {folder}",
+                               "data.root", f"put images in {root}/{split}/ or directly in {root}")
     return files
 
 
 def load_image_files(files: Sequence[Path]) -> list[np.ndarray]:
     """Grayscale float32 images in [0, 1] read from disk."""
+    return [_to_gray_float(read_image_file(f)) for f in files]
+
+
+def read_image_file(path: Path) -> np.ndarray:
+    """One image file as an array; a DataError naming the file if it cannot be decoded."""
     from skimage.io import imread
 
-    return [_to_gray_float(imread(str(f))) for f in files]
+    try:
+        return imread(str(path))
+    except Exception as error:  # noqa: BLE001 - imageio/PIL raise OSError, SyntaxError, struct.error...
+        raise DataError(f"cannot read image {Path(path).name}: {first_line(error)}", str(path),
+                        "replace or remove the damaged file") from error
 
 
 def dihedral_augmentation(rotate: bool = True):
@@ -88,7 +101,8 @@ class BlurredCropDataset(Dataset):
                  samples: int, seed: int, augment: bool = False) -> None:
         small = [tuple(s.shape[-2:]) for s in sharp if min(s.shape[-2:]) < patch_size]
         if small:
-            raise ValueError(f"patch_size {patch_size} is larger than images of size {small}")
+            raise DataError(f"patch_size {patch_size} is larger than images of size {small}", "data.patch_size",
+                            "lower data.patch_size or use larger images")
         self.sharp, self.degradation = sharp, degradation
         self.patch_size, self.samples, self.seed = patch_size, samples, seed
         self.margin = max(degradation.kernel.shape) // 2
@@ -192,7 +206,8 @@ class NaturalImagesDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          pin_memory=uses_gpu(self.trainer))
 
     def val_dataloader(self) -> DataLoader:
         # Evaluation images may differ in size: one per batch.

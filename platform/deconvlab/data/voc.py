@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from deconvlab.data.camvid import CamVidDataModule
+from deconvlab.errors import MissingDataError
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
                "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -34,17 +35,19 @@ def list_voc_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
     """(image, mask) files listed by ``ImageSets/Segmentation/<split>.txt``; errors name the missing file."""
     listing = root / "ImageSets" / "Segmentation" / f"{split}.txt"
     if not listing.is_file():
-        raise FileNotFoundError(f"VOC split {split!r}: no list {listing} (expected <root>/ImageSets/Segmentation/"
-                                f"{split}.txt; set data.root to a VOC folder such as VOCdevkit/VOC2012)")
+        raise MissingDataError(f"VOC split {split!r}: no list {listing} (expected <root>/ImageSets/Segmentation/"
+                               f"{split}.txt)", "data.root", "set data.root to a VOC folder such as VOCdevkit/VOC2012")
     ids = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
     if not ids:
-        raise FileNotFoundError(f"VOC split {split!r} is empty: {listing} lists no image")
+        raise MissingDataError(f"VOC split {split!r} is empty: {listing} lists no image", str(listing),
+                               "list image ids in it, one per line, or choose another data.split")
     pairs = []
     for image_id in ids:
         image, mask = root / "JPEGImages" / f"{image_id}.jpg", root / "SegmentationClass" / f"{image_id}.png"
         for path in (image, mask):
             if not path.is_file():
-                raise FileNotFoundError(f"{listing} lists {image_id!r} but {path} does not exist")
+                raise MissingDataError(f"{listing} lists {image_id!r} but {path} does not exist", str(path),
+                                       "add the file or remove the id from the list")
         pairs.append((image, mask))
     return pairs
 
@@ -65,8 +68,9 @@ class VOCDataModule(CamVidDataModule):
                  image_size: tuple[int, int] | None = (256, 256), num_classes: int = len(VOC_CLASSES),
                  ignore_index: int = VOC_VOID, palette: list[list[int]] | None = None, **kwargs) -> None:
         if root is None:
-            raise FileNotFoundError("VOC needs data.root: a folder with JPEGImages/, SegmentationClass/ and "
-                                    "ImageSets/Segmentation/ (no VOC data ships with deconvlab)")
+            raise MissingDataError("VOC needs a data folder (no VOC data ships with deconvlab)", "data.root",
+                                   "set data.root to a folder with JPEGImages/, SegmentationClass/ and "
+                                   "ImageSets/Segmentation/")
         super().__init__(root=root, split=split, image_size=image_size, num_classes=num_classes,
                          ignore_index=ignore_index, palette=palette or voc_palette(num_classes), **kwargs)
         self.class_names = VOC_CLASSES if num_classes == len(VOC_CLASSES) else self.class_names

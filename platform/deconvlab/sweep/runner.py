@@ -233,6 +233,9 @@ def run_sweep(name_or_path: str, overrides: Sequence[str] = (), address: str | N
     # Ray snapshots the experiment state every few seconds by default; every 2 s, a killed driver loses
     # at most that much bookkeeping (trials then resume from their last checkpoint, not from scratch).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    # Ray Tune would catch Ctrl-C itself and return as if the sweep had finished: let it interrupt instead,
+    # so the parent and open child runs end KILLED (the 2 s snapshots above are what --resume continues).
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     spec = load_sweep(name_or_path)
     spec = spec.with_smoke_test() if smoke_test else spec
     overrides = list(overrides)

@@ -187,6 +187,9 @@ KNOWN_KEYS = {*REQUIRED, "overrides", "scheduler", "search", "num_samples", "max
 def _load_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError as exc:
+        raise UserError(f"not a text file ({exc.reason} at byte {exc.start})", str(path),
+                        "a sweep file is UTF-8 YAML") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -205,6 +208,8 @@ def _check_keys(data: dict[str, Any], path: Path) -> None:
     if unknown:
         raise UserError(f"unknown key(s) {', '.join(unknown)}", str(path),
                         f"valid keys: {', '.join(sorted(KNOWN_KEYS))}")
+    _check_types(data, path)
+    _check_types(data.get("smoke_test") or {}, path, "smoke_test.")
     if data["mode"] not in ("min", "max"):
         raise UserError(f"mode must be min or max, got {data['mode']!r}", f"{path}: mode", "set mode: max or mode: min")
     kind = (data.get("scheduler") or {}).get("type", "fifo")
@@ -216,6 +221,32 @@ def _check_keys(data: dict[str, Any], path: Path) -> None:
     if not isinstance(data["search_space"], dict) or not data["search_space"]:
         raise UserError("search_space must map config keys to distributions", f"{path}: search_space",
                         "e.g. search_space: {optim.lr: loguniform(1e-4, 1e-2)}")
+
+
+# Keys holding a whole number, with their smallest valid value (max_failures=-1: retry without limit).
+INTEGER_KEYS = {"num_samples": 1, "max_concurrent_trials": 0, "workers_per_trial": 1, "max_failures": -1}
+MAPPING_KEYS = ("scheduler", "search", "resources", "smoke_test", "search_space")
+
+
+def _check_types(data: dict[str, Any], path: Path, prefix: str = "") -> None:
+    """Each key holds the kind of value it needs (a mapping, a list of overrides, a count, amounts)."""
+    for key in MAPPING_KEYS:
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise UserError(f"{prefix}{key} must be a mapping, got {data[key]!r}", f"{path}: {prefix}{key}",
+                            f"write it as {key}: {{name: value, ...}}")
+    for key, low in INTEGER_KEYS.items():
+        value = data.get(key, low)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise UserError(f"{prefix}{key} must be a whole number >= {low}, got {value!r}",
+                            f"{path}: {prefix}{key}", f"e.g. {key}: {max(low, 1)}")
+    overrides = data.get("overrides") or []
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise UserError(f"{prefix}overrides must be a list of key=value strings, got {overrides!r}",
+                        f"{path}: {prefix}overrides", "e.g. overrides: [trainer.max_epochs=6]")
+    for kind, amount in (data.get("resources") or {}).items():
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
+            raise UserError(f"resources.{kind} must be a number >= 0, got {amount!r}", f"{path}: resources",
+                            "e.g. resources: {cpu: 1, gpu: 0}")
 
 
 def load_sweep(name_or_path: str) -> SweepSpec:
