@@ -459,3 +459,21 @@ def test_a_checkpoint_that_does_not_match_the_model_is_refused(compose):
         checkpoint_model_weights({"epoch": 3}, "best.ckpt")
     with pytest.raises(UserError, match="no model.\\* weights"):
         checkpoint_model_weights({"state_dict": {"head.weight": torch.zeros(1)}}, "best.ckpt")
+
+
+def test_resuming_from_a_checkpoint_of_another_model_is_refused_before_any_run(compose, tracking_uri, tmp_path,
+                                                                               capsys):
+    from deconvlab.train import train
+
+    other = compose("experiment=quickstart", "model.width=4", "logger=none", "trainer.max_epochs=1",
+                    "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
+                    f"paths.output_dir={tmp_path / 'other'}")
+    train(other)
+    wrong = tmp_path / "other" / "checkpoints" / "last.ckpt"
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint")
+    for path, fragment in ((wrong, "do not fit this model"), (garbage, "cannot read the checkpoint"),
+                           (tmp_path / "absent.ckpt", "cannot read the checkpoint")):
+        code, err = run_cli(["train", *QUICK, "model.width=8", f"ckpt_path={path}"], capsys)
+        assert_one_user_error_line(code, err, fragment, f"(ckpt_path={path})")
+    assert all_runs(tracking_uri) == []

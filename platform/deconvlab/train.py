@@ -8,6 +8,7 @@ driver then logs the trial's child run, so trials never write to the tracking st
 from __future__ import annotations
 
 import contextlib
+import pickle
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +110,35 @@ def _tracked(cfg: DictConfig) -> Iterator[tuple[MlflowClient | None, str | None]
         yield client, run_id
 
 
+def check_resume_checkpoint(task: BaseTask, ckpt_path: str | None) -> None:
+    """Refuse a ``ckpt_path`` that is missing, unreadable or holds another network's weights.
+
+    Checked before the run opens: Lightning would otherwise fail halfway into ``fit`` with an internal
+    error and leave a FAILED run behind.
+
+    Raises:
+        UserError: naming the checkpoint and the first mismatching weights.
+    """
+    if not ckpt_path:
+        return
+    from deconvlab.errors import UserError
+    from deconvlab.model_io import checkpoint_model_weights
+
+    fix = "give a checkpoint written by a run of this experiment with the same model settings"
+    try:
+        # weights_only: resuming never runs code stored in a checkpoint.
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot read the checkpoint: {first}", f"ckpt_path={ckpt_path}", fix) from None
+    found = {k: tuple(v.shape) for k, v in checkpoint_model_weights(checkpoint, f"ckpt_path={ckpt_path}").items()}
+    expected = {k: tuple(v.shape) for k, v in task.model.state_dict().items()}
+    if found != expected:
+        differ = sorted(set(found) ^ set(expected)) or [k for k in expected if found[k] != expected[k]]
+        raise UserError(f"the checkpoint's weights do not fit this model (first difference: {differ[0]})",
+                        f"ckpt_path={ckpt_path}", fix)
+
+
 def train(cfg: DictConfig, callbacks: Sequence[Callback] = (),
           trainer_overrides: dict[str, Any] | None = None) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.data`` with ``cfg.task``; track it unless ``logger.enabled`` is false.
@@ -128,6 +158,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (),
     datamodule = instantiate(cfg.data)
     task = build_task(cfg)
     apply_perf(task, cfg.get("perf"))  # before the run opens: a missing compiler fails fast
+    check_resume_checkpoint(task, cfg.get("ckpt_path"))
     with _tracked(cfg) as (client, run_id):
         loggers = [MLFlowLogger(tracking_uri=client.tracking_uri, run_id=run_id)] if run_id else []
         trainer, checkpoint = build_trainer(cfg, task, callbacks, loggers, trainer_overrides)
