@@ -73,6 +73,7 @@ class MLflowSweepCallback(Callback):
         self.last_epoch: dict[str, int] = {}
         self.latest_is_best: dict[str, bool] = {}
         self.nodes: dict[str, list[str]] = {}
+        self.stopped_by_scheduler: set[str] = set()
 
     def __getstate__(self) -> dict[str, Any]:
         # Ray pickles callbacks into its experiment state; a client with open connections does not pickle.
@@ -130,6 +131,10 @@ class MLflowSweepCallback(Callback):
             metrics.update({f"hp/{k}": v for k, v in _numeric(trial.config).items()})
         self.client.log_batch(run_id, metrics=[Metric(k, v, now, epoch) for k, v in metrics.items()])
         self.last_epoch[trial.trial_id] = epoch
+        if result.get("done") and epoch < self.max_epochs:
+            # Tune marks the result a scheduler (or stopper) stops a trial at as done; a trial that ends
+            # by itself sends no done result to callbacks.
+            self.stopped_by_scheduler.add(trial.trial_id)
         self._record_node(trial.trial_id, run_id, result.get(NODE_KEY))
         value = result.get(self.metric)
         improved = isinstance(value, (int, float)) and math.isfinite(value) and \
@@ -168,7 +173,12 @@ class MLflowSweepCallback(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         epochs = self.last_epoch.get(trial.trial_id, 0)
-        reason = "completed" if epochs >= self.max_epochs else f"stopped early by the scheduler after epoch {epochs}"
+        if trial.trial_id in self.stopped_by_scheduler:
+            reason = f"stopped early by the scheduler after epoch {epochs}"
+        elif epochs >= self.max_epochs:
+            reason = "completed"
+        else:
+            reason = f"ended by itself after epoch {epochs} of {self.max_epochs}"
         self._finish(trial, "FINISHED", reason)
 
     def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
