@@ -51,9 +51,10 @@ def safe_name(name: str) -> str:
 
 def checked_output_dir(cfg: DictConfig) -> Path:
     """The run's output folder, refused when the run's ``name`` (one folder of the default
-    ``paths.output_dir``) would move it elsewhere, e.g. ``name=../../elsewhere``.
+    ``paths.output_dir``) is not a single folder name, e.g. ``name=../../elsewhere``.
 
-    An explicit ``paths.output_dir`` is a path chosen on purpose (a sweep trial's scratch folder) and is kept.
+    The name is checked whatever ``paths.output_dir`` is; an explicit ``paths.output_dir`` (a path chosen
+    on purpose, such as a sweep trial's scratch folder) is used as given.
 
     Raises:
         UserError: a name that is not a single folder name.

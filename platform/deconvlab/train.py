@@ -58,7 +58,7 @@ def build_trainer(cfg: DictConfig, task: BaseTask, callbacks: Sequence[Callback]
                   loggers: Sequence[pl.loggers.Logger],
                   trainer_overrides: dict[str, Any] | None = None) -> tuple[pl.Trainer, ModelCheckpoint]:
     """The Lightning Trainer from ``cfg.trainer`` plus the platform's checkpoint and sample callbacks."""
-    output_dir = tracking.checked_output_dir(cfg)  # never outside paths.root_dir
+    output_dir = Path(cfg.paths.output_dir)
     checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best-epoch{epoch:03d}",
                                  monitor=task.monitor, mode=task.monitor_mode, save_top_k=1, save_last=True,
                                  auto_insert_metric_name=False)
@@ -121,7 +121,7 @@ def check_resume_checkpoint(task: BaseTask, ckpt_path: str | None) -> None:
     """
     if not ckpt_path:
         return
-    from deconvlab.errors import UserError
+    from deconvlab.errors import UserError, first_line
     from deconvlab.model_io import checkpoint_model_weights
 
     fix = "give a checkpoint written by a run of this experiment with the same model settings"
@@ -129,8 +129,8 @@ def check_resume_checkpoint(task: BaseTask, ckpt_path: str | None) -> None:
         # weights_only: resuming never runs code stored in a checkpoint.
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot read the checkpoint: {first}", f"ckpt_path={ckpt_path}", fix) from None
+        raise UserError(f"cannot read the checkpoint: {first_line(exc, 300)}", f"ckpt_path={ckpt_path}",
+                        fix) from None
     found = {k: tuple(v.shape) for k, v in checkpoint_model_weights(checkpoint, f"ckpt_path={ckpt_path}").items()}
     expected = {k: tuple(v.shape) for k, v in task.model.state_dict().items()}
     if found != expected:
@@ -159,6 +159,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (),
     task = build_task(cfg)
     apply_perf(task, cfg.get("perf"))  # before the run opens: a missing compiler fails fast
     check_resume_checkpoint(task, cfg.get("ckpt_path"))
+    tracking.checked_output_dir(cfg)  # a run name that would put outputs outside paths.root_dir
     with _tracked(cfg) as (client, run_id):
         loggers = [MLFlowLogger(tracking_uri=client.tracking_uri, run_id=run_id)] if run_id else []
         trainer, checkpoint = build_trainer(cfg, task, callbacks, loggers, trainer_overrides)
