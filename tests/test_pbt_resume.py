@@ -45,6 +45,30 @@ def test_mutated_learning_rate_survives_resuming_from_a_donor_checkpoint(compose
     assert with_fix.lr == 0.0123
 
 
+class _RecordLearningRates(pl.Callback):
+    """The lr each epoch's first training batch uses."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_mutated_learning_rate_survives_a_restored_lr_schedule(compose, tmp_path):
+    halving = "scheduler={_target_:torch.optim.lr_scheduler.StepLR,_partial_:true,step_size:1,gamma:0.5}"
+    short = ["experiment=quickstart", "logger=none", halving, "trainer.limit_train_batches=1",
+             "trainer.limit_val_batches=1"]
+    train(compose(*short, "optim.lr=0.001", "trainer.max_epochs=1", f"paths.output_dir={tmp_path / 'donor'}"))
+    cfg = compose(*short, "optim.lr=0.0128", "trainer.max_epochs=3")
+    cfg.ckpt_path = str(tmp_path / "donor" / "checkpoints" / "last.ckpt")
+    recorder = _RecordLearningRates()
+    train(cfg, callbacks=[RestoreSampledOptimiserSettings({"lr": 0.0128}), recorder])
+    # The donor's schedule had halved once; the trial goes on from there with its own base lr.
+    assert recorder.lrs == pytest.approx([0.0064, 0.0032])
+
+
 @pytest.mark.slow
 def test_pbt_sweep_logs_each_trials_learning_rate_schedule_and_promotes(tmp_path, tracking_uri):
     import ray

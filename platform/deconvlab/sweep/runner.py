@@ -204,8 +204,9 @@ def _build_tuner(spec, trainable, storage, run_name, callback, scheduler, search
                                     reuse_actors=True),
         run_config=tune.RunConfig(
             name=run_name, storage_path=storage, callbacks=[callback], verbose=0 if quiet else 1,
-            # PBT exploits other trials' recent checkpoints: deleting them early breaks its restores.
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=None if spec.scheduler["type"] == "pbt" else 2,
+            # PBT exploits other trials' recent checkpoints: deleting them too early breaks its restores
+            # (Ray warns below 3; a FileNotFoundError was seen here with 2).
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if spec.scheduler["type"] == "pbt" else 2,
                                                     checkpoint_score_attribute=spec.metric,
                                                     checkpoint_score_order=spec.mode),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures)))

@@ -78,15 +78,27 @@ class RestoreSampledOptimiserSettings(pl.Callback):
         self.settings = dict(settings)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Runs after Lightning restored the optimiser state from the checkpoint.
+        # Runs after Lightning restored the optimiser and scheduler states from the checkpoint.
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         for optimizer in trainer.optimizers:
-            for group in optimizer.param_groups:
+            for index, group in enumerate(optimizer.param_groups):
                 for name, value in self.settings.items():
-                    if name in group:
+                    if name in group and name != "lr":
                         group[name] = value
-                if "lr" in self.settings and "initial_lr" in group:
-                    # Schedulers scale from ``initial_lr``; keep it in step with the mutation.
-                    group["initial_lr"] = self.settings["lr"]
+                if "lr" in self.settings:
+                    self._restore_lr(optimizer, index, schedulers)
+
+    def _restore_lr(self, optimizer: torch.optim.Optimizer, index: int, schedulers: list) -> None:
+        """Rescale the group's lr to the sampled base lr, keeping the donor's progress through a schedule."""
+        group, lr = optimizer.param_groups[index], float(self.settings["lr"])
+        donor_base = group.get("initial_lr", group["lr"])
+        group["lr"] = group["lr"] * lr / donor_base if donor_base else lr
+        if "initial_lr" in group:
+            group["initial_lr"] = lr
+        for scheduler in schedulers:
+            # Schedulers compute each step's lr from base_lrs, which Lightning restored from the donor.
+            if getattr(scheduler, "optimizer", None) is optimizer and hasattr(scheduler, "base_lrs"):
+                scheduler.base_lrs[index] = lr
 
 
 def sampled_optimiser_settings(sampled: dict[str, Any]) -> dict[str, Any]:
