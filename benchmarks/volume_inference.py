@@ -74,7 +74,7 @@ def train_net(experiment: str, overrides: list[str]) -> tuple[nn.Module, object,
     from deconvlab.train import build_task, train
 
     cfg = compose_config([f"experiment={experiment}", "logger=none", "trainer.accelerator=cpu",
-                          "trainer.enable_progress_bar=false", "+task.volume_eval=never", *overrides])
+                          "trainer.enable_progress_bar=false", "task.volume_eval=never", *overrides])
     start = time.perf_counter()
     result = train(cfg)
     seconds = time.perf_counter() - start

@@ -154,3 +154,22 @@ def test_pooled_context_cut_equals_the_per_patch_average(factor):
     for centre in [(0, 0, 0), (11, 12, 13), (5, 3, 9)]:
         np.testing.assert_allclose(extract_patch(padded, centre, geometry, pooled),
                                    extract_patch(padded, centre, geometry), atol=1e-5)
+
+
+def test_a_layout_taken_from_the_model_config_builds_no_net_and_leaves_the_seeded_weights_alone(compose):
+    import pytorch_lightning as pl
+    from hydra.utils import instantiate
+
+    from deconvlab.train import build_task
+
+    def initial_weights(*overrides: str) -> tuple[PatchGeometry, list[torch.Tensor]]:
+        # The data config's _recursive_: false hands the data module the model's config, not a net.
+        cfg = compose("experiment=cascade_deepmedic_p35_phantom", "++data._recursive_=false", *overrides)
+        pl.seed_everything(cfg.seed, verbose=False)  # as train() does, before building the data module
+        data = instantiate(cfg.data)
+        return data.geometry, [p.detach().clone() for p in build_task(cfg).model.parameters()]
+
+    followed, weights = initial_weights()
+    explicit, reference = initial_weights("data.layout_of=null", "data.patch_size=35", "data.context_factor=1")
+    assert followed == explicit == PatchGeometry(3, 35, 1)
+    assert all(torch.equal(a, b) for a, b in zip(weights, reference, strict=True))

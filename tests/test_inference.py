@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -46,6 +48,14 @@ def test_dense_inference_equals_per_voxel_patch_classification(nets, multi_nets,
         naive = per_voxel_probabilities(net, volume, every_voxel)
         np.testing.assert_allclose(dense.reshape(5, -1).T, naive, atol=1e-5)
         np.testing.assert_array_equal(dense.argmax(0).ravel(), naive.argmax(1))
+
+
+def test_dense_inference_under_bf16_autocast_returns_float32_probabilities(nets, volume):
+    reference = dense_probabilities(nets[0], volume, tile=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = dense_probabilities(nets[0], volume, tile=5)
+    assert mixed.dtype == np.float32
+    np.testing.assert_allclose(mixed, reference, atol=0.05)  # bf16 keeps ~3 significant digits
 
 
 def test_ensemble_is_the_mean_of_its_members(nets, volume):
@@ -186,3 +196,56 @@ def test_mean_field_refinement_corrects_scattered_errors_but_not_across_an_edge(
     # Without the intensity edge (a flat image) the smoothing also eats into the tumour's corners.
     flat = mean_field_refine(probabilities, np.zeros_like(image), weight=1.0, iterations=3)
     assert ((flat.argmax(0) > 0) != truth).sum() > refined_errors.sum() + 50
+
+
+def test_volume_benchmark_trains_and_reloads_a_net_with_its_overrides(tmp_path, monkeypatch):
+    """The benchmark's --dice step (smallest form): its Hydra overrides must compose against conf/."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / "volume_inference.py"
+    spec = importlib.util.spec_from_file_location("volume_inference_benchmark", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    monkeypatch.chdir(tmp_path)
+    net, data, _ = benchmark.train_net("deepmedic_p9_ctx3_phantom", [
+        "trainer.max_epochs=1", "data.samples_per_epoch=32", "data.eval_samples=32", "data.batch_size=16",
+        "data.phantom_size=20", "data.phantom_cases=1", f"paths.output_dir={tmp_path}/run"])
+    assert not net.training and net.patch_size == data.geometry.patch_size
+    # The reloaded checkpoint labels a volume.
+    probabilities = dense_probabilities(net, data.cases("val")[0].image[:, :6, :6, :6], tile=6)
+    np.testing.assert_allclose(probabilities.sum(0), 1.0, atol=1e-5)
+
+
+@pytest.mark.slow  # a fresh MLflow store: ~6 s
+def test_logged_volume_table_is_the_csv_of_its_rows(tracking_uri):
+    from deconvlab import tracking
+    from deconvlab.volume_report import log_table
+
+    rows = [{"case": "a", "stage": "raw", "dice_whole": 0.123456}, {"case": "b", "stage": "raw", "dice_whole": 1.0}]
+    with tracking.tracked_run("volume-table-test", "table", tracking_uri, {}) as (client, run_id):
+        log_table(client, run_id, rows, "per_case.csv")
+    text = Path(client.download_artifacts(run_id, "volume/per_case.csv")).read_text().splitlines()
+    assert text == ["case,stage,dice_whole", "a,raw,0.1235", "b,raw,1.0"]
+
+
+def test_predict_labels_a_nifti_volume_with_a_patch_net_by_dense_inference(compose, tmp_path):
+    from deconvlab.data.phantom import make_phantom
+    from deconvlab.model_io import LoadedModel
+    from deconvlab.predict import segment_volume, zscore_inside
+    from deconvlab.train import build_task
+
+    cfg = compose("experiment=deepmedic_p9_ctx3_phantom")
+    torch.manual_seed(0)
+    task = build_task(cfg).eval()
+    loaded = LoadedModel("runs:/patch-net", cfg, task, "volumetric")
+    image, _ = make_phantom(12, seed=3)
+    source = tmp_path / "case.nii.gz"
+    nib.save(nib.Nifti1Image(np.moveaxis(image, 0, -1), np.eye(4)), str(source))
+    (written,) = segment_volume(loaded, source, tmp_path)
+    # Each brain voxel gets the patch classifier's label for the patch centred on it.
+    normalised = zscore_inside(image)
+    centres = np.argwhere(np.ones(image.shape[1:], bool))
+    expected = per_voxel_probabilities(task.model, normalised, centres).argmax(1).reshape(image.shape[1:])
+    brain = np.any(normalised != 0, axis=0)
+    labels = np.asarray(nib.load(str(written)).dataobj)
+    assert labels.shape == image.shape[1:] and (labels[brain] == expected[brain]).all()

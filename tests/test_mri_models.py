@@ -44,6 +44,24 @@ def test_dual_pathway_dense_logits_equal_forward_on_centred_patches(factor):
         torch.testing.assert_close(logits, dense[(slice(None), *centre)], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("side", [17, 18])  # not a multiple of the dilation, and one that is
+def test_dilated_context_pathway_in_training_mode_equals_a_dilated_convolution(side):
+    """Training-mode BatchNorm takes batch statistics, so only the voxels of a true dilated
+    convolution may enter them (no padding)."""
+    import copy
+
+    from deconvlab.models.mri import _run_dilated
+
+    torch.manual_seed(0)
+    pathway = DualPathwayCNN3d(2, 5, widths=[4, 4], context_factor=3, fc_width=8).context.train()
+    reference = copy.deepcopy(pathway)
+    for module in reference.modules():
+        if isinstance(module, torch.nn.Conv3d):
+            module.dilation = (3, 3, 3)
+    x = torch.randn(2, 2, side, side + 1, side - 1)
+    torch.testing.assert_close(_run_dilated(pathway, x, 3), reference(x), atol=1e-5, rtol=1e-5)
+
+
 def test_two_path_dense_logits_equal_forward_on_centred_patches():
     torch.manual_seed(0)
     model = TwoPathCNN(6, 5, local_width=4, global_width=6).eval()
@@ -197,3 +215,24 @@ def test_validate_labels_the_volumes_and_leaves_the_table_to_the_caller(compose,
     assert results["val/volume_dice_whole"] == pytest.approx(task.volume_rows[0]["dice_whole"], abs=1e-4)
     assert list(task.volume_overlays) == ["phantom5000_contours_truth_green_prediction_red"]
     assert not list(tmp_path.iterdir())  # nothing written where `deconvlab evaluate` was started
+
+
+def test_volume_evaluation_under_bf16_mixed_precision_runs_in_full_precision(compose, tmp_path, monkeypatch):
+    import pytorch_lightning as pl
+
+    from deconvlab.train import build_task
+    from deconvlab.volume_report import evaluate_cases
+
+    monkeypatch.chdir(tmp_path)
+    cfg = compose("experiment=deepmedic_p9_ctx3_phantom", "data.phantom_size=20", "data.phantom_cases=1",
+                  "data.eval_samples=32", "data.batch_size=16")
+    task = build_task(cfg)
+    data = instantiate(cfg.data)
+    trainer = pl.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(task, datamodule=data, verbose=False)
+    expected, _ = evaluate_cases(task.model.eval(), data.eval_set.cases, task.volume_tile, task.clean_up)
+    def timeless(rows):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+    assert timeless(task.volume_rows) == timeless(expected)  # the numbers of a float32 run outside autocast

@@ -53,14 +53,15 @@ def test_smoke_sweep_tracks_parent_and_finished_children(smoke_sweep):
     assert {"epochs", "params", "best val/psnr", "optim.lr"} <= set(outcome.leaderboard.columns)
 
 
-def test_trials_asha_stops_early_end_finished_with_the_reason(smoke_sweep):
+def test_every_trial_ends_finished_with_a_stop_reason_matching_its_epochs(smoke_sweep):
     outcome, client = smoke_sweep
     children = _children(client, outcome)
     for child in children:
         epochs = len(client.get_metric_history(child.info.run_id, "val/psnr"))
         reason = child.data.tags["deconvlab.stop_reason"]
         assert child.info.status == "FINISHED"
-        # Which trials ASHA stops depends on the order they reach a rung (timing); how they are labelled does not.
+        # Which trials ASHA stops depends on the order they reach a rung (timing), so this cannot ask for a
+        # stopped one; tests/test_sweep_callback.py drives the labelling of scheduler stops directly.
         expected = "completed" if epochs == 4 else f"stopped early by the scheduler after epoch {epochs}"
         assert reason == expected and child.data.tags["deconvlab.epochs"] == str(epochs)
     assert any(c.data.tags["deconvlab.stop_reason"] == "completed" for c in children)

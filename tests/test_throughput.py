@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -193,6 +194,10 @@ def test_mnist_batched_loader_gives_the_per_sample_batches_and_is_seeded():
     # Evaluation batches keep the data set's order.
     labels = torch.cat([b["label"] for b in datamodule.val_dataloader()])
     assert torch.equal(labels, datamodule.eval_set.labels)
+    # One sample, whatever kind of integer indexes it, is one [1, 28, 28] digit.
+    for index in (5, np.int64(5), torch.tensor(5)):
+        sample = datamodule.eval_set[index]
+        assert sample["image"].shape == (1, 28, 28) and sample["label"] == datamodule.eval_set.labels[5]
 
 
 def test_shapes_are_drawn_once_then_served_from_memory(monkeypatch):

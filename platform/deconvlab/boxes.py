@@ -51,6 +51,19 @@ def normalise_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tenso
     return boxes.float() / boxes.new_tensor([width, height, width, height], dtype=torch.float32)
 
 
+def true_boxes(batch: dict[str, torch.Tensor], what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's true boxes, normalised to [0, 1], and their classes.
+
+    Raises:
+        KeyError: the batch carries no boxes (``what`` says who needed them).
+    """
+    if "box" not in batch or "box_label" not in batch:
+        raise KeyError(f"{what} needs batches with 'box' and 'box_label', got {sorted(batch)}: "
+                       "use data=shapes, or data=camvid with data.box_classes=[8] (car)")
+    height, width = batch["image"].shape[-2:]
+    return normalise_boxes(batch["box"], height, width), batch["box_label"].long()
+
+
 def largest_component_box(mask: np.ndarray, classes: Sequence[int]) -> tuple[np.ndarray, int | None]:
     """The box of the largest connected (4-connected) region of any one of ``classes`` in a label mask.
 

@@ -126,10 +126,9 @@ def _log_volume_report(client, run_id: str, task) -> None:
     rows = getattr(task, "volume_rows", None)
     if not rows:
         return
-    from deconvlab.volume_report import write_table
+    from deconvlab.volume_report import log_table
 
-    with tempfile.TemporaryDirectory() as folder:
-        client.log_artifact(run_id, str(write_table(rows, Path(folder) / "per_case.csv")), "volume")
+    log_table(client, run_id, rows, "per_case.csv")
     tracking.log_images(client, run_id, task.volume_overlays, "volume")
 
 

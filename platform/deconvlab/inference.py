@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from scipy import ndimage
 
-from deconvlab.data.patches import context_pool, extract_patch, geometry_of, net_slices, pad_image
+from deconvlab.data.patches import extract_patch, geometry_of, net_slices, pad_image
 from deconvlab.tasks.volumetric import BRATS_REGIONS
 
 
@@ -36,14 +36,15 @@ def _tile_logits(model: nn.Module, image: np.ndarray, start: Sequence[int],
                  size: Sequence[int]) -> torch.Tensor:
     """Logits ``[K, *size]`` of the voxels ``start .. start+size`` (any may exceed the volume's end)."""
     m = model.margin
+    device = next(model.parameters()).device
     if model.dims == 3:
         hi = [s + n + m for s, n in zip(start, size, strict=True)]
         tile = read_tile(image, [s - m for s in start], hi)
-        return model.dense_logits(torch.from_numpy(tile)[None])[0]
+        return model.dense_logits(torch.from_numpy(tile)[None].to(device))[0]
     k = net_slices(model, image.shape[0]) // 2
     lo = [start[0] - m, start[1] - m, start[2] - k]
     hi = [start[0] + size[0] + m, start[1] + size[1] + m, start[2] + size[2] + k]
-    tile = torch.from_numpy(read_tile(image, lo, hi))  # [C, H', W', nz + 2k]
+    tile = torch.from_numpy(read_tile(image, lo, hi)).to(device)  # [C, H', W', nz + 2k]
     # One batch item per axial slice; channels = modality x neighbouring slice, as the data module packs.
     windows = tile.unfold(3, 2 * k + 1, 1)  # [C, H', W', nz, slices]
     batch = windows.permute(3, 0, 4, 1, 2).reshape(size[2], -1, tile.shape[1], tile.shape[2])
@@ -80,9 +81,9 @@ def dense_probabilities(models: nn.Module | Sequence[nn.Module], image: np.ndarr
             if mask is not None and not mask[region].any():
                 probabilities[(0, *region)] += 1.0 / len(models)
                 continue
-            logits = _tile_logits(model, image, start, size)
+            logits = _tile_logits(model, image, start, size).float()  # bf16 under autocast
             crop = tuple(slice(0, r.stop - r.start) for r in region)
-            share = torch.softmax(logits, 0)[(slice(None), *crop)].numpy() / len(models)
+            share = torch.softmax(logits, 0)[(slice(None), *crop)].cpu().numpy() / len(models)
             probabilities[(slice(None), *region)] += share
     return probabilities
 
@@ -96,12 +97,13 @@ def per_voxel_probabilities(model: nn.Module, image: np.ndarray, centres: np.nda
     geometry = geometry_of(model, image.shape[0])
     padded = pad_image(image, geometry.margin)
     # The cheapest patch cut (context patches as slices of a pooled copy), as in training.
-    pooled = context_pool(padded, geometry.context_factor) if geometry.patch_dims == 3 and \
-        geometry.context_factor > 1 else None
+    pooled = geometry.pooled(padded)
+    device = next(model.parameters()).device
     out = []
     for i in range(0, len(centres), batch_size):
         patches = np.stack([extract_patch(padded, c, geometry, pooled) for c in centres[i:i + batch_size]])
-        out.append(torch.softmax(model(torch.from_numpy(patches)), 1).numpy())
+        logits = model(torch.from_numpy(patches).to(device)).float()
+        out.append(torch.softmax(logits, 1).cpu().numpy())
     return np.concatenate(out)
 
 

@@ -59,7 +59,7 @@ def apply_perf(task: Any, perf: dict[str, Any] | None) -> None:
 
     Args:
         task: a :class:`deconvlab.tasks.base.BaseTask`; its ``model`` is converted and/or compiled and
-            its ``memory_format`` makes it convert each batch to the same layout.
+            its ``channels_last`` flag makes it convert each batch to the same layout.
         perf: ``{"channels_last": bool, "compile": bool, "compile_mode": str | None,
             "compile_backend": str}``; None or missing keys leave the model as it is.
 

@@ -242,19 +242,28 @@ def segment_volume(loaded: LoadedModel, path: Path, out: Path) -> list[Path]:
     import nibabel as nib
 
     volume, data = read_nifti(path)
-    channels = _expected_channels(loaded, 1)
+    network = loaded.network
+    patch_net = hasattr(network, "dense_logits")  # classifies a patch's centre: dense tiled inference
+    # A patch net's dense input is the modalities (a 2-D net's slices are cut from the volume).
+    channels = (network.in_channels if network.dims == 3 else None) if patch_net else _expected_channels(loaded, 1)
     if data.ndim == 3:
         data = data[..., None]
-    if data.ndim != 4 or data.shape[-1] != channels:
+    if data.ndim != 4 or (channels is not None and data.shape[-1] != channels):
         raise UserError(f"{path.name} has shape {data.shape} but model {loaded.uri} takes {channels} "
                         "modalities", str(path), f"pass a 4-D NIfTI X x Y x Z x {channels} (modalities last)")
-    x = torch.from_numpy(zscore_inside(np.moveaxis(data, -1, 0)))[None]
-    logits = _forward(loaded, x, path)
-    if tuple(logits.shape[2:]) != tuple(x.shape[2:]):
-        raise UserError(f"model {loaded.uri} predicts {tuple(logits.shape[2:])} for a volume of "
-                        f"{tuple(x.shape[2:])}", str(path),
-                        "predict needs a dense (same-size) volumetric model")
-    labels = logits[0].argmax(0).numpy().astype(np.uint8)
+    image = zscore_inside(np.moveaxis(data, -1, 0))
+    if patch_net:
+        from deconvlab.inference import dense_probabilities
+
+        labels = dense_probabilities(network, image, mask=np.any(image != 0, axis=0)).argmax(0).astype(np.uint8)
+    else:
+        x = torch.from_numpy(image)[None]
+        logits = _forward(loaded, x, path)
+        if tuple(logits.shape[2:]) != tuple(x.shape[2:]):
+            raise UserError(f"model {loaded.uri} predicts {tuple(logits.shape[2:])} for a volume of "
+                            f"{tuple(x.shape[2:])}", str(path),
+                            "predict needs a dense (same-size) volumetric model")
+        labels = logits[0].argmax(0).numpy().astype(np.uint8)
     result = nib.Nifti1Image(labels, volume.affine)
     result.header.set_zooms(volume.header.get_zooms()[:3])
     target = out / f"{_stem(path)}_labels.nii.gz"

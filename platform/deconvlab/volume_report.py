@@ -105,6 +105,15 @@ def write_table(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     return path
 
 
+def log_table(client: Any, run_id: str, rows: Sequence[Mapping[str, Any]], name: str,
+              folder: str = "volume") -> None:
+    """Log the rows as the CSV artifact ``folder/name`` of an MLflow run (written to a temporary file)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        client.log_artifact(run_id, str(write_table(rows, Path(scratch) / name)), folder)
+
+
 def contour_overlay(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray) -> np.ndarray:
     """The axial slice (last axis) with most true tumour: the modality in grey, the whole tumour's
     outline in green (truth) and red (prediction; yellow where they coincide). ``H x W x 3`` uint8."""

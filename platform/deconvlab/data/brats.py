@@ -36,7 +36,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from deconvlab.data.patches import PatchGeometry, context_pool, extract_patch, geometry_of, pad_image
+from deconvlab.data.patches import PatchGeometry, extract_patch, pad_image
+from deconvlab.data.patches import layout_of as patch_layout_of  # the argument's name is taken
 from deconvlab.errors import UserError
 
 LABEL_FILE, MASK_FILE = "otmulticlass", "brainmask"
@@ -170,8 +171,7 @@ class CentredPatchDataset(Dataset):
         self.cases, self.centres, self.geometry = list(cases), centres, geometry
         # Padded (and context-pooled) once per case, shared by all patches: extraction is then pure slicing.
         self.padded = [pad_image(case.image, geometry.margin) for case in self.cases]
-        with_context = geometry.patch_dims == 3 and geometry.context_factor > 1
-        self.pooled = [context_pool(p, geometry.context_factor) if with_context else None for p in self.padded]
+        self.pooled = [geometry.pooled(p) for p in self.padded]
 
     def __len__(self) -> int:
         return len(self.centres)
@@ -243,9 +243,11 @@ class BratsDataModule(pl.LightningDataModule):
         samples_per_epoch, eval_samples: training / validation patches.
         phantom_cases, phantom_size: number and side of phantom cases per split when ``root`` is None.
         plan_dir: where to write the plan (the run's output folder); None writes nothing.
-        layout_of: a patch net (``${model}`` in a config) whose input layout replaces ``patch_dims``,
+        layout_of: a patch net, or its config (``${model}`` in a config: the data config's
+            ``_recursive_: false`` keeps Hydra from building it), whose input layout replaces ``patch_dims``,
             ``patch_size``, ``context_factor`` and ``slices``: a sweep over architectures then switches
-            the patch layout with the net.
+            the patch layout with the net. A config is read without building a real net (see
+            :func:`deconvlab.data.patches.layout_of`).
     """
 
     def __init__(self, root: str | None = None, split: str = "val",
@@ -259,7 +261,7 @@ class BratsDataModule(pl.LightningDataModule):
         super().__init__()
         self.root, self.split, self.modalities = root, split, tuple(modalities)
         modality_count = len(self.modalities) if root is not None else 2
-        self.geometry = (geometry_of(layout_of, modality_count) if layout_of is not None
+        self.geometry = (patch_layout_of(layout_of, modality_count) if layout_of is not None
                          else PatchGeometry(patch_dims, patch_size, context_factor, slices))
         self.tumour_fraction, self.label_fractions = tumour_fraction, label_fractions
         self.samples_per_epoch, self.eval_samples = samples_per_epoch, eval_samples

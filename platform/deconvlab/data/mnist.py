@@ -172,9 +172,9 @@ class DigitsDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int | list[int]) -> dict[str, torch.Tensor]:
-        if isinstance(index, int):
-            return {"image": self.images[index][None].float() / 255.0, "label": self.labels[index]}
         rows = torch.as_tensor(index, dtype=torch.long)
+        if rows.ndim == 0:  # one sample (a Python, NumPy or tensor integer)
+            return {"image": self.images[rows][None].float() / 255.0, "label": self.labels[rows]}
         return {"image": self.images[rows][:, None].float() / 255.0, "label": self.labels[rows]}
 
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,10 +38,20 @@ class PatchGeometry:
             return max(self.patch_size // 2, self.slices // 2)
         return (self.context_factor * self.patch_size) // 2
 
+    @property
+    def has_context(self) -> bool:
+        """Whether the patch packs a context pathway's channels."""
+        return self.patch_dims == 3 and self.context_factor > 1
+
+    def pooled(self, padded: np.ndarray) -> np.ndarray | None:
+        """:func:`context_pool` of a padded image when the layout has a context pathway, else None:
+        computed once per image, it makes every context patch a strided slice."""
+        return context_pool(padded, self.context_factor) if self.has_context else None
+
     def channels(self, modalities: int) -> int:
         if self.patch_dims == 2:
             return modalities * self.slices
-        return modalities * (2 if self.context_factor > 1 else 1)
+        return modalities * (2 if self.has_context else 1)
 
 
 def net_slices(net: Any, modalities: int) -> int:
@@ -57,6 +67,20 @@ def geometry_of(net: Any, modalities: int) -> PatchGeometry:
     if net.dims == 2:
         return PatchGeometry(2, net.patch_size, 1, net_slices(net, modalities))
     return PatchGeometry(3, net.patch_size, net.context_factor)
+
+
+def layout_of(net_or_config: Any, modalities: int) -> PatchGeometry:
+    """:func:`geometry_of` a net, or of a Hydra model config (a mapping with ``_target_``) without
+    building a real network: the config is instantiated on the meta device (no memory, no weights)
+    with the RNG state forked, so asking for the layout neither costs a network nor shifts the seed
+    the trained net is initialised from."""
+    if not isinstance(net_or_config, Mapping):
+        return geometry_of(net_or_config, modalities)
+    from hydra.utils import instantiate
+
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        net = instantiate(net_or_config)
+    return geometry_of(net, modalities)
 
 
 def pad_image(image: np.ndarray, margin: int) -> np.ndarray:

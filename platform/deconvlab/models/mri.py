@@ -92,6 +92,10 @@ def _run_dilated(blocks: nn.Sequential, x: torch.Tensor, dilation: int) -> torch
     convolutions fall back to a slow path).
     """
     f = dilation
+    if blocks.training and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in blocks.modules()):
+        # Training-mode BatchNorm takes batch statistics: the zero padding of the sub-lattice split
+        # would enter them, so train through the dilated convolutions themselves.
+        return _dilated_reference(blocks, x, f)
     batch, channels, *size = x.shape
     out_size = [n - 2 * len(blocks) * f for n in size]
     lattice = [-(-n // f) for n in size]  # sub-lattice side, after padding the input to a multiple of f
@@ -103,6 +107,16 @@ def _run_dilated(blocks: nn.Sequential, x: torch.Tensor, dilation: int) -> torch
     y = y.reshape(batch, f, f, f, width, *inner).permute(0, 4, 5, 1, 6, 2, 7, 3)
     y = y.reshape(batch, width, *(q * f for q in inner))
     return y[:, :, :out_size[0], :out_size[1], :out_size[2]]
+
+
+def _dilated_reference(blocks: nn.Sequential, x: torch.Tensor, dilation: int) -> torch.Tensor:
+    """The pathway with every convolution dilated by ``dilation``, computed directly (no padding)."""
+    for module in (m for block in blocks for m in block):
+        if isinstance(module, nn.Conv3d):
+            x = F.conv3d(x, module.weight, module.bias, dilation=dilation)
+        else:
+            x = module(x)
+    return x
 
 
 @register_model(task="volumetric", example_shape=(4, 9, 9, 9),

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from deconvlab.boxes import BOX_METRIC_NAMES, BoxMetrics, draw_box, generalized_box_iou, normalise_boxes
+from deconvlab.boxes import BOX_METRIC_NAMES, BoxMetrics, draw_box, generalized_box_iou, true_boxes
 from deconvlab.models.localisation import split_output
 from deconvlab.tasks.base import BaseTask, side_by_side, to_uint8
-from deconvlab.tasks.segmentation import SegmentationTask, default_palette
+from deconvlab.tasks.segmentation import SegmentationTask, adopt_datamodule_palette, default_palette
 
 SMOOTH_L1_BETA = 0.02  # normalised units: quadratic within 2 % of the image side, L1 beyond
 TRUTH_COLOUR = (255, 255, 255)
@@ -85,9 +85,7 @@ class LocalisationTask(BaseTask):
         self._palette_given = palette is not None
 
     def setup(self, stage: str) -> None:
-        palette = getattr(getattr(self.trainer, "datamodule", None), "palette", None)
-        if not self._palette_given and palette is not None:
-            self.palette = np.asarray(palette, np.uint8)
+        adopt_datamodule_palette(self)
 
     def build_metrics(self) -> MetricCollection:
         metrics: dict[str, nn.Module] = {"box": BoxMetrics(self.ignore_index)}
@@ -104,11 +102,7 @@ class LocalisationTask(BaseTask):
 
     def targets_of(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The true normalised boxes and classes of a batch."""
-        if "box" not in batch or "box_label" not in batch:
-            raise KeyError(f"the localisation task needs batches with 'box' and 'box_label', got {sorted(batch)}: "
-                           "use data=shapes, or data=camvid with data.box_classes=[8] (car)")
-        height, width = batch["image"].shape[-2:]
-        return normalise_boxes(batch["box"], height, width), batch["box_label"].long()
+        return true_boxes(batch, "the localisation task")
 
     def step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         output = self(batch["image"])

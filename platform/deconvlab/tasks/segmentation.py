@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassJaccardIndex
 
-from deconvlab.boxes import BOX_METRIC_NAMES, BoxMetrics, boxes_from_label_maps, normalise_boxes
+from deconvlab.boxes import BOX_METRIC_NAMES, BoxMetrics, boxes_from_label_maps, true_boxes
 from deconvlab.tasks.base import BaseTask, side_by_side, to_uint8
 
 
@@ -20,6 +20,14 @@ def default_palette(num_classes: int) -> np.ndarray:
 
     hues = [(i * 0.618033988749895) % 1.0 for i in range(num_classes)]
     return np.array([[int(255 * c) for c in colorsys.hsv_to_rgb(h, 0.75, 0.95)] for h in hues], np.uint8)
+
+
+def adopt_datamodule_palette(task) -> None:
+    """A data set's own palette (e.g. CamVid's palette file) wins over generated colours, unless the task
+    was given one (``task._palette_given``)."""
+    palette = getattr(getattr(task.trainer, "datamodule", None), "palette", None)
+    if not task._palette_given and palette is not None:
+        task.palette = np.asarray(palette, np.uint8)
 
 
 def colourise(labels: torch.Tensor, palette: np.ndarray, ignore_index: int | None = None) -> np.ndarray:
@@ -72,8 +80,8 @@ class SegmentationTask(BaseTask):
         palette: optional [K, 3] RGB colours for the sample overlays.
         box_classes: the object classes whose regions count as boxes; None: the data module's
             ``box_classes`` (every class but the background for shapes).
-        box_metrics: declare the box metrics (so sweeps may rank by them) and require boxes in every
-            validation batch; off, they are still computed for batches that carry a box.
+        box_metrics: score the box around the largest predicted object region against each validation
+            batch's box (``val/box_iou``, ``val/accuracy``, ``val/acc_iou50``); needs batches with boxes.
         **kwargs: see :class:`~deconvlab.tasks.base.BaseTask`.
     """
 
@@ -94,11 +102,8 @@ class SegmentationTask(BaseTask):
         self.box_scores = BoxMetrics(ignore_index)
 
     def setup(self, stage: str) -> None:
-        # A data set's own palette (e.g. CamVid's palette file) wins over generated colours.
+        adopt_datamodule_palette(self)
         datamodule = getattr(self.trainer, "datamodule", None)
-        palette = getattr(datamodule, "palette", None)
-        if not self._palette_given and palette is not None:
-            self.palette = np.asarray(palette, np.uint8)
         if self.box_classes is None and getattr(datamodule, "box_classes", None) is not None:
             self.box_classes = tuple(datamodule.box_classes)
 
@@ -127,20 +132,17 @@ class SegmentationTask(BaseTask):
     def update_metrics(self, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
         super().update_metrics(output, batch)
         self.confusion.update(output, batch["mask"])
-        if "box" in batch or self.box_metrics:
+        if self.box_metrics:
             self.update_box_metrics(output, batch)
 
     def update_box_metrics(self, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
         """Score the box around the largest predicted object region against the batch's box."""
-        if "box" not in batch or "box_label" not in batch:
-            raise KeyError(f"box metrics need batches with 'box' and 'box_label', got {sorted(batch)}: use "
-                           "data=shapes, or data=camvid with data.box_classes=[8] (car)")
+        boxes_true, labels_true = true_boxes(batch, "task.box_metrics")
         if self.box_classes is None:
             raise ValueError("box metrics need the object classes: set task.box_classes, or use a data "
                              "module that declares box_classes (shapes, camvid with data.box_classes)")
         boxes, labels = boxes_from_label_maps(output.argmax(dim=1), self.box_classes)
-        height, width = output.shape[-2:]
-        self.box_scores.update(boxes, labels, normalise_boxes(batch["box"], height, width), batch["box_label"])
+        self.box_scores.update(boxes, labels, boxes_true, labels_true)
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()

@@ -144,8 +144,10 @@ class VolumetricSegmentationTask(BaseTask):
             return
         from deconvlab.volume_report import evaluate_cases, summarise
 
-        self.volume_rows, self.volume_overlays = evaluate_cases(self.model, cases, self.volume_tile,
-                                                                self.clean_up, self.crf)
+        # Full precision: the whole-volume metrics should not depend on the training's mixed precision.
+        with torch.autocast(self.device.type, enabled=False):
+            self.volume_rows, self.volume_overlays = evaluate_cases(self.model, cases, self.volume_tile,
+                                                                    self.clean_up, self.crf)
         self.log_dict({f"val/{k}": v for k, v in summarise(self.volume_rows).items()}, sync_dist=True)
         self.rendered_samples.update(self.volume_overlays)  # written beside the other samples by SampleImages
         self._log_volume_table()
@@ -164,7 +166,7 @@ class VolumetricSegmentationTask(BaseTask):
         overlays stay in ``volume_rows`` / ``volume_overlays`` for the caller to log."""
         from pytorch_lightning.loggers import MLFlowLogger
 
-        from deconvlab.volume_report import write_table
+        from deconvlab.volume_report import log_table, write_table
 
         if not self.trainer.is_global_zero:
             return
@@ -174,8 +176,4 @@ class VolumetricSegmentationTask(BaseTask):
             if self.trainer.state.fn == "fit":
                 write_table(self.volume_rows, Path(self.trainer.default_root_dir) / "volume" / name)
             return
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as folder:
-            logger.experiment.log_artifact(logger.run_id, str(write_table(self.volume_rows, Path(folder) / name)),
-                                           "volume")
+        log_table(logger.experiment, logger.run_id, self.volume_rows, name)
