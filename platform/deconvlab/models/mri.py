@@ -89,7 +89,8 @@ def _run_dilated(blocks: nn.Sequential, x: torch.Tensor, dilation: int) -> torch
     Computed as exactly that: the input is split into its ``dilation^3`` sub-lattices (one batch item
     each), the ordinary pathway runs on them, and the outputs are interleaved back. Same arithmetic as
     a dilated convolution, but through the fast ordinary convolution kernels (CPU dilated 3-D
-    convolutions fall back to a slow path).
+    convolutions fall back to a slow path). In training mode BatchNorm would take the padding of the
+    split into its batch statistics, so there the dilated convolutions run directly.
     """
     f = dilation
     if blocks.training and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in blocks.modules()):
