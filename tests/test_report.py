@@ -221,3 +221,12 @@ def test_smoke_sweep_logs_costs_and_its_report_is_self_contained(tmp_path, monke
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     assert len(images) > 3  # three plots and the best trial's samples
     assert all(base64.b64decode(data).startswith(b"\x89PNG") for data in images)
+
+
+def test_leaderboard_cells_format_numbers_but_keep_ids_that_python_would_parse_as_floats():
+    from deconvlab.report import _cell
+
+    assert _cell("0.000123456") == "0.0001235" and _cell("7") == "7" and _cell(2.5) == "2.5"
+    assert _cell("1e-3") == "0.001" and _cell(float("nan")) == ""
+    # float("12e45_00001") is 12e4500001 = inf: a Ray trial id must stay as written.
+    assert _cell("12e45_00001") == "12e45_00001" and _cell("<b>") == "&lt;b&gt;"

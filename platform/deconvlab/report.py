@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -210,13 +211,17 @@ def _img(data: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
 
 
+# A plain decimal number. Not float()'s wider syntax: it reads a Ray trial id such as "12e45_00001" as
+# 12e4500001 (underscores group digits in Python literals), and that trial would show as "inf".
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _cell(value) -> str:
     if isinstance(value, str):
         # Sampled values arrive as MLflow params (strings): show numbers at the table's precision.
-        try:
-            value = int(value) if value.lstrip("-").isdigit() else float(value)
-        except ValueError:
+        if not NUMBER.fullmatch(value.strip()):
             return html.escape(value)
+        value = int(value) if value.strip().lstrip("-+").isdigit() else float(value)
     if isinstance(value, float):
         return "" if value != value else f"{value:.4g}"
     return html.escape(str(value))
@@ -241,7 +246,7 @@ def leaderboard_html(report: SweepReport) -> str:
     rows = []
     for i, (row, on_front) in enumerate(zip(table.to_dict("records"), _pareto_marks(report), strict=True)):
         cells = "".join(f"<td>{_cell(row[c])}</td>" for c in columns[:-1])
-        cells += f"<td><code>{_cell(row['mlflow_run'])[:8]}</code></td>"
+        cells += f"<td><code>{html.escape(str(row['mlflow_run']))[:8]}</code></td>"
         mark = f'<td class="pareto">{"&#9733;" if on_front else ""}</td>' if axes else ""
         rows.append(f'<tr class="{"best" if i == 0 else ""}">{cells}{mark}</tr>')
     return f'<table id="leaderboard"><tr>{head}{pareto_head}</tr>{"".join(rows)}</table>'
