@@ -63,6 +63,19 @@ def start_local_ray() -> None:
              ignore_reinit_error=True)
 
 
+def run_smoke_sweep(name: str, storage: Path):
+    """``deconvlab sweep NAME --smoke-test`` on a local Ray that is shut down afterwards; its outcome."""
+    import ray
+
+    from deconvlab.sweep.runner import run_sweep
+
+    start_local_ray()
+    try:
+        return run_sweep(name, smoke_test=True, storage_path=str(storage), quiet=True)
+    finally:
+        ray.shutdown()
+
+
 def write_phantom_case(folder: Path, seed: int = 0, size: int = 20, affine=None) -> None:
     """A synthetic MRI phantom written as a BraTS case folder (NIfTI), with a scanner-like intensity range."""
     import nibabel as nib

@@ -3,7 +3,7 @@
 import pytest
 import pytorch_lightning as pl
 
-from conftest import start_local_ray
+from conftest import run_smoke_sweep
 from deconvlab.sweep.trial import RestoreSampledOptimiserSettings, sampled_optimiser_settings
 from deconvlab.train import train
 
@@ -71,17 +71,11 @@ def test_mutated_learning_rate_survives_a_restored_lr_schedule(compose, tmp_path
 
 @pytest.mark.slow
 def test_pbt_sweep_logs_each_trials_learning_rate_schedule_and_promotes(tmp_path, tracking_uri):
-    import ray
     from mlflow.tracking import MlflowClient
 
     from deconvlab.registry import promote
-    from deconvlab.sweep.runner import run_sweep
 
-    start_local_ray()
-    try:
-        outcome = run_sweep("quickstart_pbt", smoke_test=True, storage_path=str(tmp_path / "ray"), quiet=True)
-    finally:
-        ray.shutdown()
+    outcome = run_smoke_sweep("quickstart_pbt", tmp_path / "ray")
     client = MlflowClient(tracking_uri)
     children = client.search_runs([client.get_experiment_by_name(outcome.experiment_name).experiment_id],
                                   f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'")

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
-from conftest import start_local_ray
+from conftest import run_smoke_sweep
 from deconvlab import cost, tracking
 from deconvlab.cli import main
 from deconvlab.config import compose_config
@@ -190,18 +190,10 @@ def test_report_of_an_unknown_sweep_is_a_user_error(tracked_sweep, tmp_path, cap
 
 @pytest.mark.slow
 def test_smoke_sweep_logs_costs_and_its_report_is_self_contained(tmp_path, monkeypatch):
-    import ray
-
-    from deconvlab.sweep.runner import run_sweep
-
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("DECONVLAB_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
-    start_local_ray()
-    try:
-        outcome = run_sweep("quickstart", smoke_test=True, storage_path=str(tmp_path / "ray"), quiet=True)
-    finally:
-        ray.shutdown()
+    outcome = run_smoke_sweep("quickstart", tmp_path / "ray")
     client = MlflowClient(uri)
     for run_id in outcome.leaderboard["mlflow_run"]:
         run = client.get_run(run_id)
