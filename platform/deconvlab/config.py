@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from deconvlab.errors import UserError
+from deconvlab.errors import UserError, first_line
 
 PRIMARY_CONFIG = "train"
 
@@ -91,7 +91,7 @@ def _compose(overrides: list[str]) -> DictConfig:
 
 
 def _explain(exc: HydraException, overrides: list[str]) -> UserError:
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    message = first_line(exc, 1000)
     if "not in struct" in str(exc) or "Could not override" in str(exc) or "Key '" in str(exc):
         key = message.split("'")[1] if "'" in message else message
         return UserError(f"unknown config key {key!r}", key,

@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from deconvlab import tracking
-from deconvlab.errors import UserError
+from deconvlab.errors import UserError, first_line
 from deconvlab.model_io import LoadedModel, load_model, quiet_logger
 
 EVALUATION_EXPERIMENT = "evaluations"
@@ -88,7 +88,7 @@ def build_datamodule(data: dict[str, Any], where: str):
         datamodule.setup("validate")
     except (InstantiationException, OSError, ValueError) as exc:
         cause = exc.__cause__ or exc
-        raise UserError(f"cannot load the evaluation data: {str(cause).strip().splitlines()[0]}", where,
+        raise UserError(f"cannot load the evaluation data: {first_line(cause, 1000)}", where,
                         DATA_FIX) from None
     return datamodule
 
@@ -114,7 +114,7 @@ def run_validation(loaded: LoadedModel, datamodule) -> dict[str, float]:
                                  precision=loaded.cfg.trainer.get("precision", "32-true"))
             (results,) = trainer.validate(loaded.task, datamodule=datamodule, verbose=False)
     except (OSError, ValueError) as exc:
-        raise UserError(f"evaluation failed on the data: {str(exc).strip().splitlines()[0]}", "data",
+        raise UserError(f"evaluation failed on the data: {first_line(exc, 1000)}", "data",
                         DATA_FIX) from None
     return {k: float(v) for k, v in sorted(results.items())}
 

@@ -13,7 +13,7 @@ import pandas as pd
 
 from deconvlab import tracking
 from deconvlab.config import compose_config
-from deconvlab.errors import UserError
+from deconvlab.errors import UserError, first_line
 from deconvlab.sweep import leaderboard as lb
 from deconvlab.sweep.spec import SweepSpec, load_sweep, validate
 from deconvlab.sweep.tracking import MLflowSweepCallback, close_open_children
@@ -91,7 +91,7 @@ def init_ray(address: str | None) -> dict[str, float]:
         try:
             ray.init(address=address, include_dashboard=False, configure_logging=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise UserError(f"cannot reach a Ray cluster at {address!r}: {str(exc).splitlines()[0]}", "--address",
+            raise UserError(f"cannot reach a Ray cluster at {address!r}: {first_line(exc)}", "--address",
                             "start one (ray start --head) or leave --address out for a local cluster") from None
     return ray.cluster_resources()
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from deconvlab.errors import UserError
+from deconvlab.errors import UserError, first_line
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "quniform", "loguniform", "qloguniform", "randint", "qrandint")
 SCHEDULERS = ("fifo", "asha", "pbt")
@@ -309,7 +309,7 @@ def _check_model_builds(cfg, where: str) -> None:
     try:
         instantiate(cfg.model)
     except InstantiationException as exc:
-        cause = str(exc.__cause__ or exc).strip().splitlines()[0]
+        cause = first_line(exc.__cause__ or exc, 1000)
         raise UserError(f"the model of this trial cannot be built: {cause}", where,
                         "change the search space or the base experiment so every value builds") from None
 
