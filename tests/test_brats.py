@@ -160,7 +160,7 @@ def test_a_layout_taken_from_the_model_config_builds_no_net_and_leaves_the_seede
     import pytorch_lightning as pl
     from hydra.utils import instantiate
 
-    from deconvlab.train import build_task
+    from deconvlab.build import build_task
 
     def initial_weights(*overrides: str) -> tuple[PatchGeometry, list[torch.Tensor]]:
         # The data config's _recursive_: false hands the data module the model's config, not a net.

@@ -259,7 +259,7 @@ def test_ui_displays_the_parent_runs_pareto_plot_image(smoke_sweep, mlflow_ui, c
 
 def test_report_reads_offline_in_a_browser(smoke_sweep, chromium, tmp_path):
     outcome, _, env, _ = smoke_sweep
-    from deconvlab.report import write_report
+    from deconvlab.sweep.report import write_report
 
     report = write_report(outcome.parent_run_id, tmp_path / "report.html", env["MLFLOW_TRACKING_URI"])
     chromium.send("Network.enable")

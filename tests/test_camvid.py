@@ -164,7 +164,7 @@ def test_real_camvid_at_the_cpu_budget():
 
 
 def test_median_frequency_balancing_plugs_into_the_task_config(folder, compose):
-    from deconvlab.train import build_task
+    from deconvlab.build import build_task
 
     cfg = compose("experiment=fcn8s_camvid", f"data.root={folder}", "data.num_classes=4",
                   "task.class_weights={_target_:deconvlab.data.camvid.median_frequency_class_weights,"

@@ -17,13 +17,14 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from conftest import TINY_TRAINER
+from deconvlab.build import build_task
 from deconvlab.cli import main
 from deconvlab.config import compose_config
 from deconvlab.errors import UserError
 from deconvlab.evaluate import EVALUATION_EXPERIMENT, evaluate
 from deconvlab.predict import predict
-from deconvlab.registry import promote
-from deconvlab.train import TrainResult, build_task, train
+from deconvlab.promote import promote
+from deconvlab.train import TrainResult, train
 
 # Sizes chosen so the tiny trainer's limit_val_batches=2 still covers the whole validation split:
 # the run's best/<monitor> is then a metric over the same data that evaluate reads.

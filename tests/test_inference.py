@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 from scipy import ndimage
+from torch.utils.data import DataLoader
 
-from deconvlab.inference import (
-    clean_up,
-    dense_probabilities,
-    hausdorff95,
-    per_voxel_probabilities,
-    region_metrics,
-    save_segmentation,
-)
+from deconvlab.data.brats import BRATS_REGIONS
+from deconvlab.data.patches import extract_patch, geometry_of, pad_image
+from deconvlab.data.phantom import make_phantom
 from deconvlab.models.mri import CascadeCNN3d, DualPathwayCNN3d, PatchNetEnsemble, TwoPathCNN
+from deconvlab.tasks.volumetric import DEFAULT_CLEAN_UP, VolumetricSegmentationTask
+from deconvlab.volume.cleanup import clean_up, hole_fills, mean_field_refine
+from deconvlab.volume.dense import dense_probabilities, per_voxel_probabilities
+from deconvlab.volume.metrics import hausdorff95, region_metrics
+from deconvlab.volume.nifti import save_segmentation
+from deconvlab.volume.report import case_rows, contour_overlay, log_table, summarise
 
 
 @pytest.fixture
@@ -90,16 +94,16 @@ def test_clean_up_removes_a_planted_blob_and_fills_a_planted_hole():
     predicted[1:3, 1:3, 1:3] = 4  # isolated false positive far from the tumour
     predicted[14:17, 14:17, 14:17] = 0  # hole inside the necrotic core
     predicted[15, 15, 22] = 0  # a one-voxel hole in the edema
-    cleaned = clean_up(predicted, smooth_radius=0)  # components and holes only: the truth comes back exactly
+    cleaned = clean_up(predicted, BRATS_REGIONS, smooth_radius=0)  # components and holes only: the truth is back
     assert not cleaned[1:3, 1:3, 1:3].any()
     assert (cleaned[14:17, 14:17, 14:17] == 1).all() and cleaned[15, 15, 22] == 2
-    before, after = region_metrics(predicted, truth), region_metrics(cleaned, truth)
+    before, after = region_metrics(predicted, truth, BRATS_REGIONS), region_metrics(cleaned, truth, BRATS_REGIONS)
     assert after["dice_whole"] > before["dice_whole"] and after["dice_core"] > before["dice_core"]
     assert after["dice_whole"] == pytest.approx(1.0)
     # With smoothing too: the same, less a few single-voxel tips of the digital sphere the opening trims.
-    smoothed = clean_up(predicted)
+    smoothed = clean_up(predicted, BRATS_REGIONS)
     assert not smoothed[1:3, 1:3, 1:3].any() and (smoothed[14:17, 14:17, 14:17] == 1).all()
-    assert region_metrics(smoothed, truth)["dice_whole"] > 0.99
+    assert region_metrics(smoothed, truth, BRATS_REGIONS)["dice_whole"] > 0.99
 
 
 def test_clean_up_stays_inside_the_brain_and_keeps_large_second_foci():
@@ -108,14 +112,71 @@ def test_clean_up_stays_inside_the_brain_and_keeps_large_second_foci():
     label[5:10, 5:10, 25:29] = 4  # a second focus, 4/5 the size of the first: kept
     brain = np.ones(label.shape, bool)
     brain[:, :, 28:] = False
-    cleaned = clean_up(label, brain, smooth_radius=0)  # boxes: opening would round their edges
+    cleaned = clean_up(label, BRATS_REGIONS, brain, smooth_radius=0)  # boxes: opening would round their edges
     assert (cleaned[5:10, 5:10, 25:28] == 4).all() and not cleaned[:, :, 28:].any()
+
+
+def test_hole_filling_follows_the_given_regions():
+    # BraTS: the core's holes become necrosis, then the whole tumour's edema; the enhancing rim keeps its
+    # holes (they are the necrotic centre).
+    assert hole_fills(BRATS_REGIONS) == [((1, 3, 4), 1), ((1, 2, 3, 4), 2)]
+    # Another convention: label 2 is the inner region, label 1 surrounds it.
+    regions = {"inner": [2], "outer": [1, 2]}
+    label = np.zeros((20, 20, 20), np.uint8)
+    label[4:16, 4:16, 4:16] = 1
+    label[8:12, 8:12, 8:12] = 2
+    label[5, 5, 5] = 0  # a one-voxel hole in the outer region
+    cleaned = clean_up(label, regions, smooth_radius=0)
+    assert cleaned[5, 5, 5] == 1 and (cleaned[8:12, 8:12, 8:12] == 2).all()
+    # Read with the BraTS regions, the inner blob is a hole of the core {1, 3, 4} and becomes necrosis.
+    assert not (clean_up(label, BRATS_REGIONS, smooth_radius=0)[8:12, 8:12, 8:12] == 2).any()
+
+
+class _OneCase(pl.LightningDataModule):
+    """Centre-voxel patches of one case to validate on; the whole case in ``eval_set.cases``."""
+
+    def __init__(self, case: SimpleNamespace, net: torch.nn.Module, centres: np.ndarray) -> None:
+        super().__init__()
+        self.eval_set = SimpleNamespace(cases=[case])
+        geometry = geometry_of(net, case.image.shape[0])
+        padded = pad_image(case.image, geometry.margin)
+        self.patches = [{"image": torch.from_numpy(extract_patch(padded, c, geometry)),
+                         "label": torch.tensor(int(case.label[tuple(c)]))} for c in centres]
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.patches, batch_size=len(self.patches))
+
+
+def test_a_task_with_its_own_regions_scores_the_whole_volumes_by_them(tmp_path, monkeypatch):
+    """Non-BraTS regions (3 classes) reach the per-case rows, their clean-up and the logged means."""
+    monkeypatch.chdir(tmp_path)
+    image, brats_label = make_phantom(16, seed=1)
+    label = np.select([np.isin(brats_label, (1, 3, 4)), brats_label == 2], [1, 2], 0).astype(np.uint8)
+    case = SimpleNamespace(name="three", image=image, label=label, brain=np.any(image != 0, axis=0))
+    regions = {"centre": [1], "lesion": [1, 2]}
+    torch.manual_seed(0)
+    net = DualPathwayCNN3d(2, 3, widths=[4, 4, 4], context_factor=3, fc_width=8)
+    task = VolumetricSegmentationTask(net, num_classes=3, regions=regions, volume_tile=8)
+    data = _OneCase(case, net, np.argwhere(label > 0)[::50])
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    (results,) = trainer.validate(task, datamodule=data, verbose=False)
+    columns = ["case", "stage", "dice_centre", "sensitivity_centre", "dice_lesion", "sensitivity_lesion",
+               "hd95_centre", "hd95_lesion", "seconds"]
+    assert [list(row) for row in task.volume_rows] == [columns, columns]  # raw, cleaned
+    raw = dense_probabilities(net, image, tile=8, mask=case.brain).argmax(0).astype(np.uint8)
+    cleaned = clean_up(raw, regions, case.brain, **DEFAULT_CLEAN_UP)
+    for row, stage in zip(task.volume_rows, (raw, cleaned), strict=True):
+        expected = region_metrics(stage, label, regions)
+        assert {k: row[k] for k in expected} == pytest.approx(expected)
+    assert "val/volume_dice_lesion_cleaned" in results and "val/volume_sensitivity_centre" in results
+    assert not [k for k in results if any(brats in k for brats in ("whole", "core", "enhancing"))]
 
 
 def test_region_metrics_match_a_hand_computation():
     truth = np.array([0, 2, 2, 1, 4, 4, 0, 3])
     predicted = np.array([2, 2, 0, 4, 4, 1, 0, 0])
-    metrics = region_metrics(predicted, truth)
+    metrics = region_metrics(predicted, truth, BRATS_REGIONS)
     # whole {1,2,3,4}: predicted at 0,1,3,4,5; truth at 1,2,3,4,5,7; overlap 1,3,4,5 -> 2*4/(5+6)
     assert metrics["dice_whole"] == pytest.approx(8 / 11)
     assert metrics["sensitivity_whole"] == pytest.approx(4 / 6)
@@ -146,26 +207,25 @@ def test_smoothing_removes_a_one_voxel_spur_and_keeps_the_tumour():
     predicted = truth.copy()
     predicted[18, 15, 24:28] = 2  # a one-voxel-thick spur sticking out of the edema (which ends at z=23 there)
     predicted[15, 7:9, 15] = 0  # a one-voxel-wide pit, two deep, into the edema
-    smoothed = clean_up(predicted, smooth_radius=1)
+    smoothed = clean_up(predicted, BRATS_REGIONS, smooth_radius=1)
     # The closing fills the corner at the spur's root first, so at most its root voxel stays.
     assert not smoothed[18, 15, 25:28].any() and (smoothed[15, 7:9, 15] == 2).all()
-    assert (clean_up(predicted, smooth_radius=0)[18, 15, 24:28] == 2).all()  # switched off: kept
+    assert (clean_up(predicted, BRATS_REGIONS, smooth_radius=0)[18, 15, 24:28] == 2).all()  # switched off: kept
     # Elsewhere it only trims the single-voxel tips of the digital sphere (its poles).
-    assert region_metrics(smoothed, truth)["dice_whole"] > 0.99
+    assert region_metrics(smoothed, truth, BRATS_REGIONS)["dice_whole"] > 0.99
 
 
 def test_per_case_rows_score_both_stages_and_overlays_outline_truth_and_prediction():
-    from deconvlab.volume_report import case_rows, contour_overlay, summarise
-
     truth = _tumour()
     predicted = truth.copy()
     predicted[1:3, 1:3, 1:3] = 2  # a false-positive blob the clean-up removes
     probabilities = np.eye(5, dtype=np.float32)[predicted].transpose(3, 0, 1, 2)
     image = np.zeros((1, *truth.shape), np.float32)
-    rows, labels = case_rows("c0", probabilities, truth, None, {"smooth_radius": 0}, {"weight": 1.0}, image)
+    rows, labels = case_rows("c0", probabilities, truth, None, BRATS_REGIONS, {"smooth_radius": 0}, {"weight": 1.0},
+                             image)
     assert [r["stage"] for r in rows] == ["raw", "cleaned", "crf"]
     assert rows[2]["dice_whole"] > 0.99 and not labels["crf"][1:3, 1:3, 1:3].any()
-    assert rows[0]["dice_whole"] == pytest.approx(region_metrics(predicted, truth)["dice_whole"])
+    assert rows[0]["dice_whole"] == pytest.approx(region_metrics(predicted, truth, BRATS_REGIONS)["dice_whole"])
     assert rows[1]["dice_whole"] == pytest.approx(1.0) and rows[1]["hd95_whole"] == 0.0
     assert summarise(rows)["volume_dice_whole_cleaned"] == pytest.approx(1.0)
     shifted = np.roll(truth, 3, axis=0)
@@ -177,8 +237,6 @@ def test_per_case_rows_score_both_stages_and_overlays_outline_truth_and_predicti
 
 
 def test_mean_field_refinement_corrects_scattered_errors_but_not_across_an_edge():
-    from deconvlab.inference import mean_field_refine
-
     truth = (_tumour() > 0).astype(np.int64)
     image = truth[None].astype(np.float32) * 3.0  # the tumour is bright: an intensity edge at its border
     rng = np.random.default_rng(0)
@@ -219,7 +277,6 @@ def test_volume_benchmark_trains_and_reloads_a_net_with_its_overrides(tmp_path, 
 @pytest.mark.slow  # a fresh MLflow store: ~6 s
 def test_logged_volume_table_is_the_csv_of_its_rows(tracking_uri):
     from deconvlab import tracking
-    from deconvlab.volume_report import log_table
 
     rows = [{"case": "a", "stage": "raw", "dice_whole": 0.123456}, {"case": "b", "stage": "raw", "dice_whole": 1.0}]
     with tracking.tracked_run("volume-table-test", "table", tracking_uri, {}) as (client, run_id):
@@ -229,10 +286,9 @@ def test_logged_volume_table_is_the_csv_of_its_rows(tracking_uri):
 
 
 def test_predict_labels_a_nifti_volume_with_a_patch_net_by_dense_inference(compose, tmp_path):
-    from deconvlab.data.phantom import make_phantom
+    from deconvlab.build import build_task
     from deconvlab.model_io import LoadedModel
     from deconvlab.predict import segment_volume, zscore_inside
-    from deconvlab.train import build_task
 
     cfg = compose("experiment=deepmedic_p9_ctx3_phantom")
     torch.manual_seed(0)

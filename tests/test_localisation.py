@@ -214,9 +214,10 @@ def test_draw_box_outlines_exactly_the_box_pixels():
 def test_localiser_learns_and_predict_draws_its_box(compose, tracking_uri, tmp_path):
     from mlflow.tracking import MlflowClient
 
+    from deconvlab.build import build_task
     from deconvlab.data.shapes import ShapesConfig, make_shapes_sample
     from deconvlab.predict import predict
-    from deconvlab.train import build_task, train
+    from deconvlab.train import train
 
     cfg = compose("experiment=localiser_shapes", "data.num_train=64", "data.num_val=16", "data.height=48",
                   "data.width=48", "optim.lr=3e-3", "trainer.max_epochs=3", "task.sample_every_n_epochs=3")

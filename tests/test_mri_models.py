@@ -15,6 +15,7 @@ from conftest import start_local_ray
 from deconvlab.data.patches import PatchGeometry, extract_patch, pad_image
 from deconvlab.models.mri import CascadeCNN3d, DualPathwayCNN3d, PatchNetEnsemble, TwoPathCNN
 from deconvlab.train import train
+from deconvlab.volume.report import evaluate_cases
 
 
 def _randomise_norms(model: torch.nn.Module) -> torch.nn.Module:
@@ -202,7 +203,7 @@ def test_ensemble_probability_is_the_mean_of_its_members():
 def test_validate_labels_the_volumes_and_leaves_the_table_to_the_caller(compose, tmp_path, monkeypatch):
     import pytorch_lightning as pl
 
-    from deconvlab.train import build_task
+    from deconvlab.build import build_task
 
     monkeypatch.chdir(tmp_path)
     cfg = compose("experiment=deepmedic_p9_ctx3_phantom", "data.phantom_size=20", "data.phantom_cases=1",
@@ -220,8 +221,7 @@ def test_validate_labels_the_volumes_and_leaves_the_table_to_the_caller(compose,
 def test_volume_evaluation_under_bf16_mixed_precision_runs_in_full_precision(compose, tmp_path, monkeypatch):
     import pytorch_lightning as pl
 
-    from deconvlab.train import build_task
-    from deconvlab.volume_report import evaluate_cases
+    from deconvlab.build import build_task
 
     monkeypatch.chdir(tmp_path)
     cfg = compose("experiment=deepmedic_p9_ctx3_phantom", "data.phantom_size=20", "data.phantom_cases=1",
@@ -231,7 +231,8 @@ def test_volume_evaluation_under_bf16_mixed_precision_runs_in_full_precision(com
     trainer = pl.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.validate(task, datamodule=data, verbose=False)
-    expected, _ = evaluate_cases(task.model.eval(), data.eval_set.cases, task.volume_tile, task.clean_up)
+    expected, _ = evaluate_cases(task.model.eval(), data.eval_set.cases, task.regions, tile=task.volume_tile,
+                                 clean=task.clean_up)
     def timeless(rows):
         return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 

@@ -4,7 +4,7 @@ import pytest
 import pytorch_lightning as pl
 
 from conftest import run_smoke_sweep
-from deconvlab.sweep.trial import RestoreSampledOptimiserSettings, sampled_optimiser_settings
+from deconvlab.sweep.trial_callbacks import RestoreSampledOptimiserSettings, sampled_optimiser_settings
 from deconvlab.train import train
 
 
@@ -73,7 +73,7 @@ def test_mutated_learning_rate_survives_a_restored_lr_schedule(compose, tmp_path
 def test_pbt_sweep_logs_each_trials_learning_rate_schedule_and_promotes(tmp_path, tracking_uri):
     from mlflow.tracking import MlflowClient
 
-    from deconvlab.registry import promote
+    from deconvlab.promote import promote
 
     outcome = run_smoke_sweep("quickstart_pbt", tmp_path / "ray")
     client = MlflowClient(tracking_uri)

@@ -390,7 +390,7 @@ class _Payload:
 def test_weights_holding_pickled_code_are_refused_without_trust(tmp_path):
     import torch
 
-    from deconvlab.model_io import read_weights
+    from deconvlab.build import read_weights
 
     marker, weights = tmp_path / "code-ran", tmp_path / "weights.pt"
     torch.save({"conv.weight": torch.zeros(1), "extra": _Payload(marker)}, weights)
@@ -447,8 +447,7 @@ def test_experiment_names_become_one_safe_artifact_folder(tracking_uri, tmp_path
 def test_a_checkpoint_that_does_not_match_the_model_is_refused(compose):
     import torch
 
-    from deconvlab.model_io import checkpoint_model_weights, rebuild_task
-    from deconvlab.train import build_task
+    from deconvlab.build import build_task, checkpoint_model_weights, rebuild_task
 
     cfg = compose("experiment=quickstart", "model.width=8")
     other = build_task(compose("experiment=quickstart", "model.width=4")).model.state_dict()

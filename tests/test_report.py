@@ -17,8 +17,9 @@ from conftest import run_smoke_sweep
 from deconvlab import cost, tracking
 from deconvlab.cli import main
 from deconvlab.config import compose_config
-from deconvlab.report import log_sweep_views, write_report
 from deconvlab.sweep.leaderboard import pareto_front
+from deconvlab.sweep.report import write_report
+from deconvlab.sweep.views import log_sweep_views
 
 
 class SmallNet(nn.Module):
@@ -216,7 +217,7 @@ def test_smoke_sweep_logs_costs_and_its_report_is_self_contained(tmp_path, monke
 
 
 def test_leaderboard_cells_format_numbers_but_keep_ids_that_python_would_parse_as_floats():
-    from deconvlab.report import _cell
+    from deconvlab.sweep.report import _cell
 
     assert _cell("0.000123456") == "0.0001235" and _cell("7") == "7" and _cell(2.5) == "2.5"
     assert _cell("1e-3") == "0.001" and _cell(float("nan")) == ""

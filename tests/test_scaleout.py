@@ -16,7 +16,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from deconvlab.sweep.tracking import TRIAL_TAG, child_runs
+from deconvlab.sweep.child_runs import TRIAL_TAG, child_runs
 
 pytestmark = pytest.mark.slow
 EPOCHS = 5

@@ -19,7 +19,7 @@ from deconvlab.models.fcn import FCN, BilinearUpsample, bilinear_kernel
 from deconvlab.models.patchnet import PatchNet
 from deconvlab.models.vgg import VGG16
 
-SEGMENTATION = list_models(task="segmentation")
+SEGMENTATION = list_models(family="segmentation")
 TINY_VGG = {"width": 1 / 16, "fc_channels": 1024, "batch_norm": True}
 
 
@@ -314,7 +314,8 @@ def test_fcn8s_shapes_experiment_trains_and_is_tracked(compose, tracking_uri):
     from hydra.utils import instantiate
     from mlflow.tracking import MlflowClient
 
-    from deconvlab.train import build_task, train
+    from deconvlab.build import build_task
+    from deconvlab.train import train
 
     cfg = compose("experiment=fcn8s_shapes", *TINY_SHAPES, "model.width=0.0625", "optim.lr=3e-3")
     result = train(cfg)

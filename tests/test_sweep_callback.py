@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import pytest
 from mlflow.tracking import MlflowClient
 
+from deconvlab.sweep.child_runs import MLflowSweepCallback
 from deconvlab.sweep.spec import load_sweep
-from deconvlab.sweep.tracking import MLflowSweepCallback
 
 
 @pytest.fixture

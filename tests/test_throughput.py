@@ -17,8 +17,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO_ROOT, write_phantom_case
 from deconvlab.data import brats, shapes
+from deconvlab.data.base import uses_gpu
 from deconvlab.data.brats import BratsDataModule
-from deconvlab.data.loaders import uses_gpu
 from deconvlab.data.mnist import MNISTDataModule
 from deconvlab.data.shapes import ShapesDataModule
 
@@ -300,8 +300,9 @@ SMALL_VOLUMETRIC = ["experiment=phantom_tinyvol", "data.volume_size=16", "data.p
                                                           (SMALL_VOLUMETRIC, torch.channels_last_3d)],
                          ids=["2d", "3d"])
 def test_channels_last_reaches_weights_and_batches_and_keeps_results(compose, overrides, memory_format):
+    from deconvlab.build import build_task
     from deconvlab.perf import apply_perf
-    from deconvlab.train import build_task, train
+    from deconvlab.train import train
 
     first = FirstModelInput()
     cfg = compose(*overrides, "perf.channels_last=true")
@@ -344,7 +345,8 @@ def test_compile_switch_trains_through_the_compiled_model(compose, backend):
     """aot_eager traces forward and backward as inductor does, without generating and building C++."""
     import torch._dynamo
 
-    from deconvlab.train import build_task, train
+    from deconvlab.build import build_task
+    from deconvlab.train import train
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()

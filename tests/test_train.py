@@ -4,7 +4,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from deconvlab.train import build_task, train
+from deconvlab.build import build_task
+from deconvlab.train import train
 
 # (experiment overrides, metric keys the run must have); more families add their own cases.
 TASK_CASES = {

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from deconvlab.data.degrade import Degradation, disk_kernel, motion_kernel
-from deconvlab.models.registry import get_model_spec, list_models
+from deconvlab.models import get_model_spec, list_models
 from deconvlab.models.wiener import pseudo_inverse_kernel, separable_factors, separable_filter
 from deconvlab.models.xu import DeconvCNN, DeconvOutlierCNN, OutlierRejectionCNN
 
@@ -100,8 +100,8 @@ def test_svd_start_beats_random_start_before_training() -> None:
 
 
 def test_models_are_registered_for_restoration() -> None:
-    names = {spec.name for spec in list_models(task="restoration")}
-    assert {"wiener", "xu_dcnn", "xu_odcnn", "xu_full"} <= names
+    names = {spec.name for spec in list_models(family="restoration")}
+    assert {"wiener", "xu_dcnn", "xu_dcnn_random", "xu_odcnn", "xu_full"} <= names
     spec = get_model_spec("xu_full")
     model = spec.build_tiny()
     x = torch.rand(2, *spec.example_shape, requires_grad=True)

@@ -26,6 +26,11 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
+from deconvlab.build import build_datamodule, build_task
+from deconvlab.errors import UserError
+from deconvlab.models import list_models
+from deconvlab.store import run_config
+
 # Metric keys in a child run, and the leaderboard columns they become ("params" comes from the
 # trained model's own model/num_params metric).
 COST_COLUMNS = {"cost/macs_per_pixel": "MACs/px", "cost/latency_ms": "latency ms"}
@@ -113,22 +118,17 @@ def example_from_data(cfg: DictConfig, task) -> torch.Tensor:
     Anything the data module writes (plans, caches under the trial's output dir) goes to a throwaway
     folder instead of the trial's, which may not exist where the driver runs.
     """
-    from hydra.utils import instantiate
-
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     with tempfile.TemporaryDirectory() as scratch:
         data_cfg = _redirect(data_cfg, str(cfg.paths.get("output_dir", "")), scratch)
-        datamodule = instantiate(data_cfg)
-        datamodule.setup("validate")
+        datamodule = build_datamodule(data_cfg, "validate")
         batch = next(iter(datamodule.val_dataloader()))
     return task.input_of(batch)[:1]
 
 
 def example_from_registry(model: nn.Module) -> torch.Tensor:
     """A random input of the shape the model registry records for this model's class."""
-    from deconvlab.models.registry import list_models
-
-    spec = next((s for s in list_models() if s.builder is type(model)), None)
+    spec = next((s for s in list_models() if s.model_class is type(model)), None)
     if spec is None:
         raise LookupError(f"{type(model).__name__} is not in the model registry and its data did not load")
     return torch.rand(1, *spec.example_shape)
@@ -141,8 +141,6 @@ def example_for(cfg: DictConfig, task) -> tuple[torch.Tensor, bool]:
     Returns:
         ``(input, from_data)``.
     """
-    from deconvlab.errors import UserError
-
     try:
         return example_from_data(cfg, task), True
     except (OSError, UserError, ValueError, StopIteration):
@@ -157,8 +155,6 @@ def config_cost(cfg: DictConfig, repeats: int = 5, example: torch.Tensor | None 
         repeats: timed forward passes for the latency median.
         example: the input to use; by default :func:`example_for` picks one.
     """
-    from deconvlab.train import build_task
-
     task = build_task(cfg)
     if example is None:
         example, _ = example_for(cfg, task)
@@ -166,16 +162,8 @@ def config_cost(cfg: DictConfig, repeats: int = 5, example: torch.Tensor | None 
 
 
 # -- a sweep's trials ------------------------------------------------------------------------------------
-def run_config(client: MlflowClient, run_id: str) -> DictConfig:
-    """The resolved ``config.yaml`` a run logged."""
-    with tempfile.TemporaryDirectory() as folder:
-        return OmegaConf.load(client.download_artifacts(run_id, "config.yaml", folder))
-
-
 def _measure_trial(client: MlflowClient, run_id: str,
                    examples: dict[str, torch.Tensor]) -> tuple[ModelCost, nn.Module]:
-    from deconvlab.train import build_task
-
     cfg = run_config(client, run_id)
     task = build_task(cfg)
     # Trials of one sweep usually share their data config: load its first input once.

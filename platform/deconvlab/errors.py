@@ -37,7 +37,8 @@ class UserError(Exception):
 
 
 class DataError(UserError, ValueError):
-    """A data file that cannot be used: unreadable, corrupt, truncated, mismatched or out of range."""
+    """Data that cannot be used: a file that is unreadable, corrupt, truncated, mismatched or out of range,
+    or a ``data.*`` setting the data cannot satisfy (an unknown split, a class count it does not have)."""
 
 
 class MissingDataError(UserError, FileNotFoundError):

@@ -16,14 +16,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from deconvlab import tracking
+from deconvlab.build import DATA_FIX, build_datamodule
+from deconvlab.config import compose_config
 from deconvlab.errors import UserError, first_line
 from deconvlab.model_io import LoadedModel, load_model, quiet_logger
+from deconvlab.store import client_for
+from deconvlab.volume.report import log_table
 
 EVALUATION_EXPERIMENT = "evaluations"
-DATA_FIX = "check data.root (a folder laid out like the data set) and data.split"
 
 
 @dataclass
@@ -65,8 +70,6 @@ def evaluation_data(cfg: DictConfig, overrides: Sequence[str]) -> dict[str, Any]
                         "the model is fixed by its URI; override data=..., data.root=..., data.split=...")
     if not overrides:
         return OmegaConf.to_container(cfg.data, resolve=True)
-    from deconvlab.config import compose_config
-
     base = cfg.get("overrides")
     if base is None:
         raise UserError("this model's config does not record the overrides it was composed from",
@@ -78,33 +81,14 @@ def evaluation_data(cfg: DictConfig, overrides: Sequence[str]) -> dict[str, Any]
     return OmegaConf.to_container(composed.data, resolve=True)
 
 
-def build_datamodule(data: dict[str, Any], where: str):
-    """Instantiate and set up the data module, turning data problems into one actionable line."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
-    try:
-        datamodule = instantiate(data)
-        datamodule.setup("validate")
-    except (InstantiationException, OSError, ValueError) as exc:
-        cause = exc.__cause__ or exc
-        raise UserError(f"cannot load the evaluation data: {first_line(cause, 1000)}", where,
-                        DATA_FIX) from None
-    return datamodule
-
-
 def _accelerator(cfg: DictConfig) -> str:
     """The run's own accelerator setting (the numerics it was scored with); CPU if its GPU is missing here."""
-    import torch
-
     wanted = str(cfg.trainer.get("accelerator", "auto"))
     return "cpu" if wanted in ("gpu", "cuda") and not torch.cuda.is_available() else wanted
 
 
 def run_validation(loaded: LoadedModel, datamodule) -> dict[str, float]:
     """The task's validation loop over the whole split; returns its scalar metrics."""
-    import pytorch_lightning as pl
-
     try:
         # Lightning's banners (accelerator, tips) would interleave with the metrics or the JSON.
         with quiet_logger("pytorch_lightning"):
@@ -124,15 +108,11 @@ def _log_volume_report(client, run_id: str, task) -> None:
     rows = getattr(task, "volume_rows", None)
     if not rows:
         return
-    from deconvlab.volume_report import log_table
-
     log_table(client, run_id, rows, "per_case.csv")
     tracking.log_images(client, run_id, task.volume_overlays, "volume")
 
 
 def _log(evaluation: Evaluation, loaded: LoadedModel, tracking_uri: str | None) -> str:
-    from deconvlab.registry import client_for
-
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tags = {"deconvlab.role": "evaluation", "deconvlab.model_uri": loaded.uri,
             "deconvlab.source_run_id": loaded.run_id or "",
@@ -171,7 +151,7 @@ def evaluate(uri: str, overrides: Sequence[str] = (), tracking_uri: str | None =
     overrides = list(overrides)
     loaded = load_model(uri, tracking_uri, trust)
     data = evaluation_data(loaded.cfg, overrides)
-    datamodule = build_datamodule(data, " ".join(overrides) or "data")
+    datamodule = build_datamodule(data, "validate", "the evaluation data")
     evaluation = Evaluation(uri, run_validation(loaded, datamodule), data, None, loaded.name, loaded.version,
                             overrides)
     if log:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import pickle
 import re
 import tempfile
 from collections.abc import Iterator
@@ -23,23 +22,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
+import mlflow.artifacts
+import mlflow.pyfunc
+import mlflow.pytorch
 import numpy as np
 import torch
+from mlflow.models import Model
+from mlflow.models.signature import ModelSignature
+from mlflow.types.schema import Schema, TensorSpec
 from omegaconf import DictConfig, OmegaConf
 
-from deconvlab.errors import UserError, first_line
+from deconvlab.build import (
+    TRUST_FIX,
+    build_datamodule,
+    build_task,
+    checkpoint_model_weights,
+    read_weights,
+    rebuild_task,
+)
+from deconvlab.errors import UserError
+from deconvlab.store import CONFIG_FILE, checkpoint_artifact, client_for, find_version, get_run, run_config
 
 FLAVOR = "deconvlab"
 FORMAT_VERSION = 1
 MODEL_ARTIFACT = "model"
 PAYLOAD_DIR = "deconvlab_model"
-CONFIG_FILE, WEIGHTS_FILE = "config.yaml", "weights.pt"
+WEIGHTS_FILE = "weights.pt"
 # Input examples are stored as JSON inside the model: larger images are cropped to this side.
 EXAMPLE_MAX_SIDE = 64
-TRUST_FIX = "pass --trust only if you trust where this model came from"
-TASK_FAMILIES = {"RestorationTask": "restoration", "SegmentationTask": "segmentation",
-                 "VolumetricSegmentationTask": "volumetric", "ReconstructionTask": "reconstruction",
-                 "LocalisationTask": "localisation"}
 
 
 @dataclass
@@ -50,7 +61,7 @@ class LoadedModel:
         uri: the URI it was loaded from.
         cfg: the resolved config it was trained with.
         task: the task (LightningModule) holding the network, in eval mode.
-        family: restoration, segmentation, volumetric or reconstruction.
+        family: the task family (restoration, segmentation, volumetric, reconstruction, localisation).
         run_id: the MLflow run that trained it.
         name, version: the registered model and version, for ``models:/`` URIs.
         input_shape: the signature's input shape (-1 = any size), when the model has one.
@@ -70,15 +81,6 @@ class LoadedModel:
         return self.task.model
 
 
-def task_family(task: Any) -> str:
-    """The task family of a built task object (subclasses of the platform's tasks included)."""
-    for cls in type(task).__mro__:
-        if cls.__name__ in TASK_FAMILIES:
-            return TASK_FAMILIES[cls.__name__]
-    raise UserError(f"unknown task class {type(task).__name__}", "task._target_",
-                    "use one of the deconvlab.tasks classes")
-
-
 @contextlib.contextmanager
 def quiet_logger(name: str, level: int = logging.WARNING) -> Iterator[None]:
     """Raise logger ``name`` to ``level`` for a while: library banners would interleave with our output."""
@@ -91,73 +93,18 @@ def quiet_logger(name: str, level: int = logging.WARNING) -> Iterator[None]:
         logger.setLevel(previous)
 
 
-# -- weights -------------------------------------------------------------------------------------------
-def read_weights(path: str | Path, trust: bool = False) -> Any:
-    """``torch.load`` a weights or checkpoint file; only tensors and plain containers unless ``trust``.
-
-    Raises:
-        UserError: the file holds pickled objects (and ``trust`` is off), or it is not a torch file.
-    """
-    try:
-        return torch.load(path, map_location="cpu", weights_only=not trust)
-    except pickle.UnpicklingError as exc:
-        first = first_line(exc)
-        raise UserError(f"{Path(path).name} contains pickled objects that a safe load refuses ({first})",
-                        str(path), TRUST_FIX) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise UserError(f"cannot read weights file {Path(path).name}: {str(exc).strip()[:200]}", str(path),
-                        "the file is damaged or not a PyTorch checkpoint; promote the run again") from None
-
-
-def checkpoint_model_weights(checkpoint: Any, where: str) -> dict[str, torch.Tensor]:
-    """The network's weights out of a Lightning checkpoint (the task's ``model.`` entries)."""
-    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
-        raise UserError("the checkpoint has no state_dict", where,
-                        "use a Lightning checkpoint of a deconvlab run")
-    weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-    if not weights:
-        raise UserError("the checkpoint holds no model.* weights", where,
-                        "use a checkpoint of a deconvlab task")
-    return weights
-
-
-def rebuild_task(cfg: DictConfig, weights: dict[str, torch.Tensor], where: str) -> Any:
-    """Build the task and network from ``cfg`` (deconvlab's classes) and load ``weights`` into it."""
-    from deconvlab.train import build_task
-
-    task = build_task(cfg)
-    try:
-        task.model.load_state_dict(weights, strict=True)
-    except RuntimeError as exc:
-        first = first_line(exc, 500)
-        raise UserError(f"the weights do not fit the model built from its config: {first}", where,
-                        "the config and weights come from different runs; promote the run again") from None
-    return task.eval()
-
-
 # -- saving --------------------------------------------------------------------------------------------
 def example_input(task: Any, cfg: DictConfig) -> torch.Tensor:
     """A real input batch of 2 from the validation split (crops to a common size, at most 64 a side).
 
     Batch 2, not 1: MLflow's tooling bakes an example's batch size into some flavours (see STACK-NOTES).
     """
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
     samples: list[torch.Tensor] = []
-    try:
-        datamodule = instantiate(cfg.data)
-        datamodule.setup("validate")
-        for batch in datamodule.val_dataloader():
-            samples.extend(task.input_of(batch).unbind(0))
-            if len(samples) >= 2:
-                break
-    except (InstantiationException, OSError, ValueError) as exc:
-        cause = first_line(exc.__cause__ or exc, 500)
-        raise UserError(f"cannot read the run's validation data for the model's input example: {cause}",
-                        f"data.root={cfg.data.get('root')}",
-                        "promote where the run's data is available") from None
+    datamodule = build_datamodule(cfg.data, "validate", "the run's validation data for the model's input example")
+    for batch in datamodule.val_dataloader():
+        samples.extend(task.input_of(batch).unbind(0))
+        if len(samples) >= 2:
+            break
     if not samples:
         raise UserError("the validation split is empty", "data", "check data.root and data.split")
     samples = (samples * 2)[:2]
@@ -180,16 +127,12 @@ def _keeps_any_size(network: torch.nn.Module, example: torch.Tensor, output: tor
         return False
 
 
-def _tensor_schema(shape: list[int]):
-    from mlflow.types.schema import Schema, TensorSpec
-
+def _tensor_schema(shape: list[int]) -> Schema:
     return Schema([TensorSpec(np.dtype(np.float32), tuple(shape))])
 
 
-def build_signature(network: torch.nn.Module, example: torch.Tensor):
+def build_signature(network: torch.nn.Module, example: torch.Tensor) -> ModelSignature:
     """The tensor signature: any batch; any spatial size if the network keeps sizes, else the example's."""
-    from mlflow.models.signature import ModelSignature
-
     output = _forward(network, example)
     in_shape, out_shape = [-1, *example.shape[1:]], [-1, *output.shape[1:]]
     if _keeps_any_size(network, example, output):
@@ -199,8 +142,6 @@ def build_signature(network: torch.nn.Module, example: torch.Tensor):
 
 def pip_requirements() -> list[str]:
     """Given explicitly: MLflow would otherwise spend seconds inferring them on every save."""
-    import mlflow
-
     return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "deconvlab"]
 
 
@@ -210,9 +151,6 @@ def save_model_dir(task: Any, cfg: DictConfig, path: Path, metadata: dict[str, s
     Returns:
         ``path``.
     """
-    import mlflow.pyfunc
-    from mlflow.models import Model
-
     example = example_input(task, cfg)
     signature = build_signature(task.model.eval(), example)
     with tempfile.TemporaryDirectory() as folder:
@@ -222,7 +160,7 @@ def save_model_dir(task: Any, cfg: DictConfig, path: Path, metadata: dict[str, s
         # Plain tensors only: loadable with weights_only=True.
         torch.save({k: v.detach().cpu() for k, v in task.model.state_dict().items()}, payload / WEIGHTS_FILE)
         mlflow_model = Model()
-        mlflow_model.add_flavor(FLAVOR, format_version=FORMAT_VERSION, family=task_family(task),
+        mlflow_model.add_flavor(FLAVOR, format_version=FORMAT_VERSION, family=task.family,
                                 data=f"data/{PAYLOAD_DIR}", config=CONFIG_FILE, weights=WEIGHTS_FILE)
         with quiet_logger("mlflow"):
             mlflow.pyfunc.save_model(str(path), loader_module=__name__, data_path=str(payload),
@@ -275,8 +213,6 @@ def load_model(uri: str, tracking_uri: str | None = None, trust: bool = False) -
     Raises:
         UserError: a malformed URI, an unknown name, alias, version or run, a run without checkpoint.
     """
-    from deconvlab.registry import client_for
-
     client = client_for(tracking_uri)
     if match := MODELS_URI.match(uri):
         return _load_version(client, uri, match, trust)
@@ -286,11 +222,6 @@ def load_model(uri: str, tracking_uri: str | None = None, trust: bool = False) -
 
 
 def _load_version(client, uri: str, match: re.Match, trust: bool) -> LoadedModel:
-    import mlflow.artifacts
-    from mlflow.models import Model
-
-    from deconvlab.registry import find_version
-
     version = find_version(client, match["name"], alias=match["alias"], version=match["version"])
     with tempfile.TemporaryDirectory() as folder:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=folder,
@@ -305,16 +236,12 @@ def _load_version(client, uri: str, match: re.Match, trust: bool) -> LoadedModel
             raise UserError(f"version {version.version} of {version.name} is not a deconvlab model "
                             f"({flavors}); loading it would unpickle code", uri, TRUST_FIX)
     shape = _signature_input_shape(meta)
-    return LoadedModel(uri, cfg, task, task_family(task), version.run_id, version.name, str(version.version),
+    return LoadedModel(uri, cfg, task, task.family, version.run_id, version.name, str(version.version),
                        shape)
 
 
 def _load_foreign(client, version, local: Path) -> tuple[DictConfig, Any]:
     """A version saved by another flavour (mlflow.pytorch pickles): only with --trust."""
-    import mlflow.pytorch
-
-    from deconvlab.train import build_task
-
     cfg = run_config(client, version.run_id)
     task = build_task(cfg)
     task.model = mlflow.pytorch.load_model(str(local))
@@ -328,22 +255,7 @@ def _signature_input_shape(meta) -> tuple[int, ...] | None:
     return tuple(schema.inputs[0].shape)
 
 
-def run_config(client, run_id: str) -> DictConfig:
-    """The resolved ``config.yaml`` a run logged."""
-    import mlflow.artifacts
-    from mlflow.exceptions import MlflowException
-
-    uri = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{CONFIG_FILE}"
-    try:
-        return OmegaConf.create(mlflow.artifacts.load_text(uri))
-    except (MlflowException, OSError):
-        raise UserError(f"run {run_id} has no {CONFIG_FILE}", f"runs:/{run_id}",
-                        "promote a run made by deconvlab train or deconvlab sweep") from None
-
-
 def _load_run(client, uri: str, run_id: str, trust: bool) -> LoadedModel:
-    from deconvlab.registry import checkpoint_artifact, get_run
-
     run = get_run(client, run_id)
     artifact = checkpoint_artifact(client, run)
     cfg = run_config(client, run_id)
@@ -351,4 +263,4 @@ def _load_run(client, uri: str, run_id: str, trust: bool) -> LoadedModel:
         path = client.download_artifacts(run_id, artifact, folder)
         weights = checkpoint_model_weights(read_weights(path, trust), f"{uri} ({artifact})")
     task = rebuild_task(cfg, weights, uri)
-    return LoadedModel(uri, cfg, task, task_family(task), run_id)
+    return LoadedModel(uri, cfg, task, task.family, run_id)

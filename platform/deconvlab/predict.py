@@ -21,23 +21,32 @@ with one line naming it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from skimage.color import rgb2gray
 
+from deconvlab.boxes import draw_box
+from deconvlab.build import build_datamodule
 from deconvlab.errors import UserError, first_line
 from deconvlab.model_io import LoadedModel, load_model
+from deconvlab.models.localisation import split_output
+from deconvlab.tasks.base import to_uint8
+from deconvlab.tasks.segmentation import colourise
+from deconvlab.volume.dense import dense_probabilities
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Networks that pool need sizes divisible by their total stride: inputs are padded to this multiple
 # when the network does not return an output of the input's size as is.
 PAD_MULTIPLE = 32
-KINDS = {"restoration": "image", "segmentation": "image", "reconstruction": "image", "volumetric": "nifti",
-         "localisation": "image"}
 
 
 def _kind(path: Path) -> str | None:
@@ -57,7 +66,7 @@ def _stem(path: Path) -> str:
 
 def check_inputs(paths: Sequence[Path], family: str, model_name: str) -> None:
     """Every input exists and is of the kind the family takes (before anything is written)."""
-    wanted = KINDS[family]
+    wanted = PREDICTORS[family].reads
     described = {"image": "images (" + ", ".join(IMAGE_SUFFIXES) + ")",
                  "nifti": "NIfTI volumes (.nii, .nii.gz)"}
     for path in paths:
@@ -71,8 +80,6 @@ def check_inputs(paths: Sequence[Path], family: str, model_name: str) -> None:
 # -- reading -------------------------------------------------------------------------------------------
 def read_image(path: Path) -> np.ndarray:
     """An image as float32 in [0, 1], H x W or H x W x C."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as picture:
             picture.load()
@@ -88,8 +95,6 @@ def read_image(path: Path) -> np.ndarray:
 
 def as_channels(image: np.ndarray, channels: int) -> np.ndarray:
     """H x W (x C) -> C x H x W with ``channels`` channels (grey <-> RGB as the data modules do)."""
-    from skimage.color import rgb2gray
-
     if image.ndim == 3 and image.shape[-1] == 4:
         image = image[..., :3]
     if image.ndim == 3 and image.shape[-1] == 2:  # grey + alpha
@@ -103,8 +108,6 @@ def as_channels(image: np.ndarray, channels: int) -> np.ndarray:
 
 def read_nifti(path: Path):
     """A NIfTI image whose voxels can be read, or a UserError."""
-    import nibabel as nib
-
     try:
         volume = nib.load(str(path))
         data = np.asarray(volume.dataobj, dtype=np.float32)
@@ -165,35 +168,25 @@ def run_same_size(loaded: LoadedModel, x: torch.Tensor, path: Path) -> torch.Ten
 
 
 def _save_png(array: np.ndarray, path: Path) -> Path:
-    from PIL import Image
-
     Image.fromarray(array).save(path)
     return path
-
-
-def _to_uint8(x: torch.Tensor) -> np.ndarray:
-    from deconvlab.tasks.base import to_uint8
-
-    return to_uint8(x)
 
 
 # -- one function per family ---------------------------------------------------------------------------
 def restore(loaded: LoadedModel, path: Path, out: Path) -> list[Path]:
     x = torch.from_numpy(as_channels(read_image(path), _expected_channels(loaded, 1)))[None]
     restored = run_same_size(loaded, x, path)[0]
-    return [_save_png(_to_uint8(restored), out / f"{_stem(path)}_restored.png")]
+    return [_save_png(to_uint8(restored), out / f"{_stem(path)}_restored.png")]
 
 
 def reconstruct(loaded: LoadedModel, path: Path, out: Path) -> list[Path]:
     x = torch.from_numpy(as_channels(read_image(path), _expected_channels(loaded, 1)))[None]
     _check_size(loaded, x, path)
     reconstruction = _forward(loaded, x, path)[0]
-    return [_save_png(_to_uint8(reconstruction), out / f"{_stem(path)}_reconstruction.png")]
+    return [_save_png(to_uint8(reconstruction), out / f"{_stem(path)}_reconstruction.png")]
 
 
 def segment(loaded: LoadedModel, path: Path, out: Path) -> list[Path]:
-    from deconvlab.tasks.segmentation import colourise
-
     image = torch.from_numpy(as_channels(read_image(path), _expected_channels(loaded, 3)))[None]
     size = tuple(image.shape[2:])
     trained_size = loaded.cfg.data.get("image_size")
@@ -203,7 +196,7 @@ def segment(loaded: LoadedModel, path: Path, out: Path) -> list[Path]:
     if tuple(logits.shape[2:]) != size:
         logits = _resize(logits, size)
     colours = colourise(logits[0].argmax(0), _palette(loaded))
-    picture = _to_uint8(image[0])
+    picture = to_uint8(image[0])
     overlay = (0.5 * picture.astype(np.float32) + 0.5 * colours.astype(np.float32) + 0.5).astype(np.uint8)
     stem = _stem(path)
     return [_save_png(colours, out / f"{stem}_labels.png"), _save_png(overlay, out / f"{stem}_overlay.png")]
@@ -217,11 +210,9 @@ def _palette(loaded: LoadedModel) -> np.ndarray:
     """The data set's class colours (from its config, or as its data module reads them), else the task's."""
     palette = loaded.cfg.data.get("palette")
     if palette is None:
-        from hydra.utils import instantiate
-
         try:  # e.g. CamVid reads camvid11_palette.png from its root
-            palette = getattr(instantiate(loaded.cfg.data), "palette", None)
-        except Exception:  # noqa: BLE001 - the data may not be on this machine: the task's colours will do
+            palette = getattr(build_datamodule(loaded.cfg.data), "palette", None)
+        except UserError:  # the data may not be on this machine: the task's colours will do
             palette = None
     return np.asarray(palette if palette is not None else loaded.task.palette, np.uint8)
 
@@ -239,8 +230,6 @@ def zscore_inside(volume: np.ndarray) -> np.ndarray:
 
 
 def segment_volume(loaded: LoadedModel, path: Path, out: Path) -> list[Path]:
-    import nibabel as nib
-
     volume, data = read_nifti(path)
     network = loaded.network
     patch_net = hasattr(network, "dense_logits")  # classifies a patch's centre: dense tiled inference
@@ -253,8 +242,6 @@ def segment_volume(loaded: LoadedModel, path: Path, out: Path) -> list[Path]:
                         "modalities", str(path), f"pass a 4-D NIfTI X x Y x Z x {channels} (modalities last)")
     image = zscore_inside(np.moveaxis(data, -1, 0))
     if patch_net:
-        from deconvlab.inference import dense_probabilities
-
         labels = dense_probabilities(network, image, mask=np.any(image != 0, axis=0)).argmax(0).astype(np.uint8)
     else:
         x = torch.from_numpy(image)[None]
@@ -272,11 +259,6 @@ def segment_volume(loaded: LoadedModel, path: Path, out: Path) -> list[Path]:
 
 
 def localise(loaded: LoadedModel, path: Path, out: Path) -> list[Path]:
-    import json
-
-    from deconvlab.boxes import draw_box
-    from deconvlab.models.localisation import split_output
-
     image = torch.from_numpy(as_channels(read_image(path), _expected_channels(loaded, 3)))[None]
     data = loaded.cfg.data
     trained_size = data.get("image_size") or ([data.height, data.width] if "height" in data else None)
@@ -287,7 +269,7 @@ def localise(loaded: LoadedModel, path: Path, out: Path) -> list[Path]:
     height, width = image.shape[2:]
     box = boxes[0].tolist()
     palette = _palette(loaded)
-    drawn = draw_box(_to_uint8(image[0]), box, palette[label % len(palette)], max(1, min(height, width) // 64))
+    drawn = draw_box(to_uint8(image[0]), box, palette[label % len(palette)], max(1, min(height, width) // 64))
     stem = _stem(path)
     record = {"class": label, "probability": float(logits[0].softmax(0)[label]), "box_normalised": box,
               "box_pixels": [box[0] * width, box[1] * height, box[2] * width, box[3] * height]}
@@ -295,9 +277,20 @@ def localise(loaded: LoadedModel, path: Path, out: Path) -> list[Path]:
     return [_save_png(drawn, out / f"{stem}_box.png"), out / f"{stem}_box.json"]
 
 
-PREDICTORS: dict[str, Callable[[LoadedModel, Path, Path], list[Path]]] = {
-    "restoration": restore, "segmentation": segment, "volumetric": segment_volume,
-    "reconstruction": reconstruct, "localisation": localise,
+@dataclass(frozen=True)
+class Predictor:
+    """How a task family predicts: the kind of file it reads (``image`` or ``nifti``) and the function
+    that writes its outputs for one file."""
+
+    reads: str
+    run: Callable[[LoadedModel, Path, Path], list[Path]]
+
+
+# One entry per task family (``BaseTask.family``); a test checks that every family has one.
+PREDICTORS: dict[str, Predictor] = {
+    "restoration": Predictor("image", restore), "segmentation": Predictor("image", segment),
+    "volumetric": Predictor("nifti", segment_volume), "reconstruction": Predictor("image", reconstruct),
+    "localisation": Predictor("image", localise),
 }
 
 
@@ -324,5 +317,5 @@ def predict(uri: str, inputs: Sequence[str | Path], out_dir: str | Path, trackin
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for path in paths:
-        written += PREDICTORS[loaded.family](loaded, path, out)
+        written += PREDICTORS[loaded.family].run(loaded, path, out)
     return written

@@ -11,14 +11,20 @@ import contextlib
 import os
 import re
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
+from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from deconvlab.errors import UserError, was_interrupted
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACT_ROOT = "mlartifacts"
@@ -47,25 +53,6 @@ def artifact_location(root: str | None = None) -> str | None:
 def safe_name(name: str) -> str:
     """``name`` usable as one folder name: no separators, no leading dots, never empty."""
     return UNSAFE_NAME_CHARS.sub("_", str(name)).lstrip(".") or "unnamed"
-
-
-def checked_output_dir(cfg: DictConfig) -> Path:
-    """The run's output folder, refused when the run's ``name`` (one folder of the default
-    ``paths.output_dir``) is not a single folder name, e.g. ``name=../../elsewhere``.
-
-    The name is checked whatever ``paths.output_dir`` is; an explicit ``paths.output_dir`` (a path chosen
-    on purpose, such as a sweep trial's scratch folder) is used as given.
-
-    Raises:
-        UserError: a name that is not a single folder name.
-    """
-    from deconvlab.errors import UserError
-
-    name = str(cfg.get("name"))
-    if Path(name).name != name or name in (".", ".."):
-        raise UserError(f"run name {name!r} is not a single folder name: outputs would leave paths.root_dir",
-                        "name", "use a name without '/' or '..', e.g. fcn8s_camvid")
-    return Path(cfg.paths.output_dir)
 
 
 def get_or_create_experiment(name: str, tracking_uri: str, artifact_root: str | None = None) -> str:
@@ -119,8 +106,6 @@ def git_commit(cwd: str | Path | None = None) -> str | None:
 
 def log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) -> None:
     """Log many params, in batches MLflow accepts."""
-    from mlflow.entities import Param
-
     items = [Param(k, v) for k, v in params.items()]
     for start in range(0, len(items), PARAMS_PER_BATCH):
         client.log_batch(run_id, params=items[start:start + PARAMS_PER_BATCH])
@@ -143,8 +128,6 @@ def log_images(client: MlflowClient, run_id: str, images: Mapping[str, np.ndarra
 
 def save_images(images: Mapping[str, np.ndarray], folder: Path) -> None:
     """Write uint8 images as PNG files (used where no MLflow run is at hand, e.g. in a sweep trial)."""
-    from PIL import Image
-
     folder.mkdir(parents=True, exist_ok=True)
     for name, image in images.items():
         Image.fromarray(image).save(folder / f"{name}.png")
@@ -154,11 +137,6 @@ def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast, with one line, when a tracking server does not answer (MLflow itself retries for minutes)."""
     if not tracking_uri.startswith(("http://", "https://")):
         return
-    import urllib.error
-    import urllib.request
-
-    from deconvlab.errors import UserError
-
     try:
         urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_s).close()
     except (urllib.error.URLError, OSError) as exc:
@@ -169,8 +147,6 @@ def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
 
 def status_for(exc: BaseException | None) -> str:
     """MLflow run status for how a run ended: FINISHED, KILLED (interrupted, Ctrl-C) or FAILED."""
-    from deconvlab.errors import was_interrupted
-
     if exc is None:
         return "FINISHED"
     return "KILLED" if was_interrupted(exc) else "FAILED"
@@ -178,8 +154,6 @@ def status_for(exc: BaseException | None) -> str:
 
 def error_tag(exc: BaseException) -> str:
     """The ``error`` tag of a run that did not finish: the exception, or that it was interrupted."""
-    from deconvlab.errors import was_interrupted
-
     if was_interrupted(exc):
         return "KeyboardInterrupt: interrupted (Ctrl-C or SIGINT)"
     return f"{type(exc).__name__}: {exc}"[:5000]

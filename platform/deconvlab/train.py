@@ -16,14 +16,14 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 
-from deconvlab import tracking
-from deconvlab.callbacks import SampleImages
+from deconvlab import cost, tracking
+from deconvlab.build import build_datamodule, build_task, build_trainer, checkpoint_model_weights
+from deconvlab.errors import UserError, first_line
 from deconvlab.perf import apply_perf
 from deconvlab.tasks.base import BaseTask
 
@@ -43,28 +43,6 @@ class TrainResult:
     best_checkpoint: str | None
     run_id: str | None = None
     monitor: tuple[str, str] = ("val/loss", "min")
-
-
-def build_task(cfg: DictConfig) -> BaseTask:
-    """Instantiate the model, the optimiser factory and the task around them."""
-    model = instantiate(cfg.model)
-    optimizer = instantiate(cfg.optim)
-    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    # Plain containers (not DictConfig) in hparams keep checkpoints loadable with weights_only=True.
-    return instantiate(cfg.task, model=model, optimizer=optimizer, scheduler=scheduler, _convert_="all")
-
-
-def build_trainer(cfg: DictConfig, task: BaseTask, callbacks: Sequence[Callback],
-                  loggers: Sequence[pl.loggers.Logger],
-                  trainer_overrides: dict[str, Any] | None = None) -> tuple[pl.Trainer, ModelCheckpoint]:
-    """The Lightning Trainer from ``cfg.trainer`` plus the platform's checkpoint and sample callbacks."""
-    output_dir = Path(cfg.paths.output_dir)
-    checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best-epoch{epoch:03d}",
-                                 monitor=task.monitor, mode=task.monitor_mode, save_top_k=1, save_last=True,
-                                 auto_insert_metric_name=False)
-    trainer = instantiate(cfg.trainer, default_root_dir=str(output_dir), logger=list(loggers) or False,
-                          callbacks=[checkpoint, SampleImages(), *callbacks], **(trainer_overrides or {}))
-    return trainer, checkpoint
 
 
 def _scalar_metrics(trainer: pl.Trainer) -> dict[str, float]:
@@ -90,8 +68,6 @@ def _fit_or_evaluate(trainer: pl.Trainer, task: BaseTask, datamodule: pl.Lightni
 
 def _log_model_cost(client: MlflowClient, run_id: str, task: BaseTask, datamodule: pl.LightningDataModule) -> None:
     """Parameters, MACs per pixel and latency on one validation input, plus ``model_summary.txt``."""
-    from deconvlab import cost
-
     example = task.input_of(next(iter(datamodule.val_dataloader())))[:1].to(task.device)
     model = task.model.eval()
     cost.log_cost(client, run_id, cost.model_cost(model, example), model)
@@ -110,6 +86,23 @@ def _tracked(cfg: DictConfig) -> Iterator[tuple[MlflowClient | None, str | None]
         yield client, run_id
 
 
+def checked_output_dir(cfg: DictConfig) -> Path:
+    """The run's output folder, refused when the run's ``name`` (one folder of the default
+    ``paths.output_dir``) is not a single folder name, e.g. ``name=../../elsewhere``.
+
+    The name is checked whatever ``paths.output_dir`` is; an explicit ``paths.output_dir`` (a path chosen
+    on purpose, such as a sweep trial's scratch folder) is used as given.
+
+    Raises:
+        UserError: a name that is not a single folder name.
+    """
+    name = str(cfg.get("name"))
+    if Path(name).name != name or name in (".", ".."):
+        raise UserError(f"run name {name!r} is not a single folder name: outputs would leave paths.root_dir",
+                        "name", "use a name without '/' or '..', e.g. fcn8s_camvid")
+    return Path(cfg.paths.output_dir)
+
+
 def check_resume_checkpoint(task: BaseTask, ckpt_path: str | None) -> None:
     """Refuse a ``ckpt_path`` that is missing, unreadable or holds another network's weights.
 
@@ -121,9 +114,6 @@ def check_resume_checkpoint(task: BaseTask, ckpt_path: str | None) -> None:
     """
     if not ckpt_path:
         return
-    from deconvlab.errors import UserError, first_line
-    from deconvlab.model_io import checkpoint_model_weights
-
     fix = "give a checkpoint written by a run of this experiment with the same model settings"
     try:
         # weights_only: resuming never runs code stored in a checkpoint.
@@ -155,11 +145,11 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (),
         The final metrics, the best checkpoint path and the MLflow run id.
     """
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = instantiate(cfg.data)
+    datamodule = build_datamodule(cfg.data)
     task = build_task(cfg)
     apply_perf(task, cfg.get("perf"))  # before the run opens: a missing compiler fails fast
     check_resume_checkpoint(task, cfg.get("ckpt_path"))
-    tracking.checked_output_dir(cfg)  # a run name that would put outputs outside paths.root_dir
+    checked_output_dir(cfg)  # a run name that would put outputs outside paths.root_dir
     with _tracked(cfg) as (client, run_id):
         loggers = [MLFlowLogger(tracking_uri=client.tracking_uri, run_id=run_id)] if run_id else []
         trainer, checkpoint = build_trainer(cfg, task, callbacks, loggers, trainer_overrides)

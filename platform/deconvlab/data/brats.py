@@ -32,16 +32,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from deconvlab.data.base import SplitDataModule
 from deconvlab.data.patches import PatchGeometry, extract_patch, pad_image
 from deconvlab.data.patches import layout_of as patch_layout_of  # the argument's name is taken
-from deconvlab.errors import UserError
+from deconvlab.data.phantom import make_phantom, split_seed
+from deconvlab.data.planning import plan_cases, write_plan
+from deconvlab.errors import DataError, MissingDataError
 
 LABEL_FILE, MASK_FILE = "otmulticlass", "brainmask"
 NIFTI_SUFFIX = ".nii.gz"
+# The BraTS label regions (name -> labels it unites): whole tumour, tumour core, enhancing tumour.
+BRATS_REGIONS: dict[str, tuple[int, ...]] = {"whole": (1, 2, 3, 4), "core": (1, 3, 4), "enhancing": (4,)}
 
 
 @dataclass
@@ -68,17 +72,17 @@ def _load_nifti(path: Path, dtype: type) -> tuple[np.ndarray, np.ndarray]:
     import nibabel as nib
 
     if not path.is_file():
-        raise UserError(f"missing file {path.name}", str(path),
-                        "every case folder needs each modality, the label and the brain mask as .nii.gz")
+        raise MissingDataError(f"missing file {path.name}", str(path),
+                               "every case folder needs each modality, the label and the brain mask as .nii.gz")
     try:
         image = nib.load(str(path))
         data = np.asarray(image.dataobj, dtype=dtype)
     except Exception as error:  # nibabel raises several types for truncated or foreign files
-        raise UserError(f"cannot read NIfTI file: {error}", str(path),
+        raise DataError(f"cannot read NIfTI file: {error}", str(path),
                         "check that the file is a valid .nii.gz") from error
     data = np.squeeze(data)
     if data.ndim != 3:
-        raise UserError(f"expected a 3-D volume, got shape {data.shape}", str(path),
+        raise DataError(f"expected a 3-D volume, got shape {data.shape}", str(path),
                         "give one 3-D volume per file (no 2-D slices, no 4-D series)")
     return data, image.affine
 
@@ -99,8 +103,9 @@ def read_case(folder: Path, modalities: Sequence[str], num_classes: int = 5) -> 
     """Read, check and normalise one case folder.
 
     Raises:
-        UserError: naming the file at fault for a missing modality, a non-3-D volume, shapes or
-            affines that disagree, or label values outside ``0..num_classes-1``.
+        MissingDataError: naming the missing modality, label or mask file.
+        DataError: naming the file at fault for an unreadable or non-3-D volume, shapes or affines that
+            disagree, or label values outside ``0..num_classes-1``.
     """
     label, affine = _load_nifti(folder / f"{LABEL_FILE}{NIFTI_SUFFIX}", np.float32)
     files = [folder / f"{m}{NIFTI_SUFFIX}" for m in modalities] + [folder / f"{MASK_FILE}{NIFTI_SUFFIX}"]
@@ -108,15 +113,15 @@ def read_case(folder: Path, modalities: Sequence[str], num_classes: int = 5) -> 
     for path in files:
         data, other_affine = _load_nifti(path, np.float32)
         if data.shape != label.shape:
-            raise UserError(f"shape {data.shape} differs from the label's {label.shape}", str(path),
+            raise DataError(f"shape {data.shape} differs from the label's {label.shape}", str(path),
                             "all modalities, label and mask of a case must be co-registered on one grid")
         if not np.allclose(other_affine, affine, atol=1e-3):
-            raise UserError("affine differs from the label file's affine", str(path),
+            raise DataError("affine differs from the label file's affine", str(path),
                             "resample all volumes of a case to the same grid")
         volumes.append(data)
     values = np.unique(label)
     if not np.all(np.isin(values, np.arange(num_classes))):
-        raise UserError(f"label values {values.tolist()} outside 0..{num_classes - 1}",
+        raise DataError(f"label values {values.tolist()} outside 0..{num_classes - 1}",
                         str(folder / f"{LABEL_FILE}{NIFTI_SUFFIX}"),
                         "use BraTS labels 0-4 or set data.num_classes")
     brain = volumes.pop() > 0
@@ -142,15 +147,13 @@ def list_cases(root: Path, split: str) -> list[Path]:
     folder = root / split
     cases = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
     if not cases:
-        raise UserError(f"no case folders in {folder}", "data.root",
-                        f"point data.root at a folder with {split}/<case>/ sub-folders, or null for phantoms")
+        raise MissingDataError(f"no case folders in {folder}", "data.root",
+                               f"point data.root at a folder with {split}/<case>/ sub-folders, or null for phantoms")
     return cases
 
 
 def phantom_cases(count: int, first_seed: int, size: int) -> list[Case]:
     """Synthetic phantom cases (the fresh-install default), brain = nonzero voxels."""
-    from deconvlab.data.phantom import make_phantom
-
     cases = []
     for i in range(count):
         image, label = make_phantom(size, first_seed + i)
@@ -199,7 +202,8 @@ def sample_balanced_centres(cases: Sequence[Case], count: int, label_fractions: 
              for k in range(len(label_fractions))]
     fractions = np.array([f if any(p.size for p in pools[k]) else 0.0 for k, f in enumerate(label_fractions)])
     if fractions.sum() <= 0:
-        raise UserError("no voxel of any sampled label in the cases", "data.label_fractions")
+        raise DataError("no voxel of any sampled label in the cases", "data.label_fractions",
+                        "give a share to a label the cases hold, or check their label files")
     labels = rng.choice(len(fractions), size=count, p=fractions / fractions.sum())
     centres = np.empty((count, 4), np.int64)
     for i, k in enumerate(labels):
@@ -226,12 +230,16 @@ def sample_uniform_centres(cases: Sequence[Case], count: int, seed: int) -> np.n
 
 
 # --------------------------------------------------------------------------------------- datamodule
-class BratsDataModule(pl.LightningDataModule):
+class BratsDataModule(SplitDataModule):
     """Voxel-centred patches of BraTS cases (or synthetic phantoms) for the volumetric task.
 
     Training patches are class-balanced by the plan's ``label_fractions`` (or the ones given);
     validation patches are centred on voxels drawn uniformly inside the brain, so the task's Dice
     over them estimates the volume Dice. ``plan_dir`` receives ``patch_plan.json``.
+
+    Cases are decoded once, in ``setup`` (the loader workers inherit them). Patches are shuffled from
+    torch's global RNG (which ``seed_everything`` seeds) and loader workers start afresh every epoch, as
+    they always have, so a seed keeps giving the batches it gave before.
 
     Args:
         root: a folder laid out as in the module docstring; None = synthetic phantoms.
@@ -250,6 +258,9 @@ class BratsDataModule(pl.LightningDataModule):
             :func:`deconvlab.data.patches.layout_of`).
     """
 
+    seeded_shuffle = False
+    persistent_workers = False
+
     def __init__(self, root: str | None = None, split: str = "val",
                  modalities: Sequence[str] = ("flair", "t1c"),
                  patch_dims: int = 3, patch_size: int = 9, context_factor: int = 3, slices: int = 1,
@@ -258,36 +269,31 @@ class BratsDataModule(pl.LightningDataModule):
                  num_workers: int = 0, seed: int = 0, num_classes: int = 5, ignore_index: int = -100,
                  in_channels: int | None = None, phantom_cases: int = 3, phantom_size: int = 32,
                  plan_dir: str | None = None, layout_of: Any = None) -> None:
-        super().__init__()
+        super().__init__(batch_size, num_workers, seed)
         self.root, self.split, self.modalities = root, split, tuple(modalities)
         modality_count = len(self.modalities) if root is not None else 2
         self.geometry = (patch_layout_of(layout_of, modality_count) if layout_of is not None
                          else PatchGeometry(patch_dims, patch_size, context_factor, slices))
         self.tumour_fraction, self.label_fractions = tumour_fraction, label_fractions
         self.samples_per_epoch, self.eval_samples = samples_per_epoch, eval_samples
-        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.in_channels = self.geometry.channels(modality_count)
         if in_channels is not None and in_channels != self.in_channels:
-            raise UserError(f"data.in_channels={in_channels} but the patch layout gives {self.in_channels} "
+            raise DataError(f"data.in_channels={in_channels} but the patch layout gives {self.in_channels} "
                             f"channels", "data.in_channels", "leave it null (derived) or fix the geometry")
         self.phantom_cases, self.phantom_size, self.plan_dir = phantom_cases, phantom_size, plan_dir
         self.plan: dict | None = None
-        self.train_set: CentredPatchDataset | None = None
-        self.eval_set: CentredPatchDataset | None = None
 
     def cases(self, split: str) -> list[Case]:
         """The normalised cases of ``split`` ("train", "val"/"validation" or "test")."""
         if self.root is None:
-            offset = {"train": 0, "val": 5_000, "validation": 5_000, "test": 7_500}[split]
-            return phantom_cases(self.phantom_cases, self.seed * 10_000 + offset, self.phantom_size)
+            first_seed = split_seed(self.seed, "val" if split == "validation" else split)
+            return phantom_cases(self.phantom_cases, first_seed, self.phantom_size)
         root = Path(self.root)
         folder = split if (root / split).is_dir() or split != "val" else "validation"
         return [load_case(p, self.modalities, self.num_classes) for p in list_cases(root, folder)]
 
     def _make_plan(self, cases: list[Case]) -> dict:
-        from deconvlab.data.planning import plan_cases, write_plan
-
         g = self.geometry
         plan = plan_cases(cases, g.patch_dims, g.patch_size, g.context_factor, self.tumour_fraction,
                           self.num_classes)
@@ -308,12 +314,3 @@ class BratsDataModule(pl.LightningDataModule):
             cases = self.cases(self.split)
             centres = sample_uniform_centres(cases, self.eval_samples, self.seed + 1)
             self.eval_set = CentredPatchDataset(cases, centres, self.geometry)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True,
-                          num_workers=self.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.eval_set, batch_size=self.batch_size, num_workers=self.num_workers)
-
-    test_dataloader = val_dataloader

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from deconvlab.boxes import largest_component_box
-from deconvlab.data.loaders import SplitDataModule
+from deconvlab.data.base import SplitDataModule
 from deconvlab.errors import DataError, MissingDataError
 
 CAMVID_CLASSES = ("sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car",
@@ -204,8 +204,9 @@ def _check_box_classes(box_classes: list[int] | None, num_classes: int) -> tuple
         return None
     classes = tuple(int(c) for c in box_classes)
     if not classes or any(not 0 <= c < num_classes for c in classes):
-        raise ValueError(f"data.box_classes={list(box_classes)} must be a non-empty list of classes in "
-                         f"0..{num_classes - 1} (CamVid: 8 car, 9 pedestrian, 10 bicyclist), or null")
+        raise DataError(f"data.box_classes={list(box_classes)} must be a non-empty list of classes in "
+                        f"0..{num_classes - 1}", "data.box_classes",
+                        "list classes (CamVid: 8 car, 9 pedestrian, 10 bicyclist), or set it to null")
     return classes
 
 
@@ -231,7 +232,7 @@ class CamVidDataModule(SplitDataModule):
                  augment: bool = True, batch_size: int = 8, num_workers: int = 0, seed: int = 0,
                  num_classes: int = len(CAMVID_CLASSES), ignore_index: int = CAMVID_VOID,
                  palette: list[list[int]] | None = None, box_classes: list[int] | None = None) -> None:
-        super().__init__()
+        super().__init__(batch_size, num_workers, seed)
         self.box_classes = _check_box_classes(box_classes, num_classes)
         self.root = Path(root) if root is not None else default_camvid_root()
         if not self.root.is_dir():
@@ -241,7 +242,6 @@ class CamVidDataModule(SplitDataModule):
                 "or use data=shapes")
         self.split, self.augment = split, augment
         self.image_size = tuple(image_size) if image_size is not None else None
-        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.class_names = CAMVID_CLASSES if num_classes == len(CAMVID_CLASSES) else tuple(
             f"class_{i}" for i in range(num_classes))

@@ -11,12 +11,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from deconvlab.data.base import SplitDataModule
 from deconvlab.data.degrade import Degradation
-from deconvlab.data.loaders import uses_gpu
 from deconvlab.errors import DataError, MissingDataError, first_line
 
 # Images that ship inside scikit-image (no download). chelsea and cat are the same photo: only one is used.
@@ -38,6 +37,14 @@ def _to_gray_float(image: np.ndarray) -> np.ndarray:
     if image.ndim == 3:
         image = rgb2gray(image)
     return img_as_float32(image)
+
+
+def skimage_split(split: str) -> tuple[str, ...]:
+    """The names of the scikit-image images in ``split`` ("train", "val" or "test")."""
+    if split not in SKIMAGE_SPLITS:
+        raise DataError(f"the scikit-image images have no split {split!r}", "data.split",
+                        f"use one of {', '.join(SKIMAGE_SPLITS)}, or set data.root to a folder of images")
+    return SKIMAGE_SPLITS[split]
 
 
 def load_skimage_images(names: Sequence[str]) -> list[np.ndarray]:
@@ -153,8 +160,11 @@ class WholeImageDataset(Dataset):
         return self.items[index]
 
 
-class NaturalImagesDataModule(pl.LightningDataModule):
+class NaturalImagesDataModule(SplitDataModule):
     """Blurred/sharp pairs from natural images for the restoration task.
+
+    Training crops are shuffled from torch's global RNG (which ``seed_everything`` seeds), as they always
+    have been, so a seed keeps giving the batches it gave before.
 
     Args:
         degradation: the blur model applied on the fly.
@@ -168,22 +178,24 @@ class NaturalImagesDataModule(pl.LightningDataModule):
         augment: random flips and 90-degree rotations of training crops (albumentations).
     """
 
+    seeded_shuffle = False
+    # Evaluation images may differ in size: one per batch. They are degraded once in setup, so a loader
+    # process would only copy them.
+    eval_batch_size, eval_num_workers = 1, 0
+
     def __init__(self, degradation: Degradation, root: str | None = None, split: str = "val",
                  patch_size: int = 48, samples_per_epoch: int = 256, max_eval_size: int | None = 256,
                  batch_size: int = 16, num_workers: int = 0, seed: int = 0, augment: bool = True) -> None:
-        super().__init__()
+        super().__init__(batch_size, num_workers, seed)
         self.augment = augment
         self.degradation = degradation
         self.root, self.split = root, split
         self.patch_size, self.samples_per_epoch = patch_size, samples_per_epoch
         self.max_eval_size = max_eval_size
-        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.train_set: Dataset | None = None
-        self.eval_set: Dataset | None = None
 
     def _images(self, split: str) -> list[torch.Tensor]:
         if self.root is None:
-            arrays = load_skimage_images(SKIMAGE_SPLITS["train" if split == "train" else split])
+            arrays = load_skimage_images(skimage_split(split))
         else:
             arrays = load_image_files(list_image_files(Path(self.root), split))
         return [torch.from_numpy(a)[None] for a in arrays]
@@ -203,14 +215,3 @@ class NaturalImagesDataModule(pl.LightningDataModule):
         if self.eval_set is None:
             eval_images = [self._centre_crop(im) for im in self._images(self.split)]
             self.eval_set = WholeImageDataset(eval_images, self.degradation, self.seed + 1)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          pin_memory=uses_gpu(self.trainer))
-
-    def val_dataloader(self) -> DataLoader:
-        # Evaluation images may differ in size: one per batch.
-        return DataLoader(self.eval_set, batch_size=1, num_workers=0)
-
-    test_dataloader = val_dataloader

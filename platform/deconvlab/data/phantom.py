@@ -9,18 +9,38 @@ regions apart.
 from __future__ import annotations
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from scipy.ndimage import gaussian_filter
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from deconvlab.data.base import SplitDataModule
+from deconvlab.errors import DataError
 
 # Mean intensity of each label in (FLAIR, T1c), before texture, bias and noise.
 LABEL_INTENSITIES = {0: (0.0, 0.0), 1: (0.3, -0.6), 2: (1.6, 0.2), 3: (1.0, 0.5), 4: (1.2, 1.8)}
 BRAIN_INTENSITY = (0.5, 0.4)
+# Case seeds of a split: data seed * 10_000 + this offset. Disjoint ranges, so no case is shared
+# between train, val and test.
+SPLIT_SEED_OFFSETS = {"train": 0, "val": 5_000, "test": 7_500}
 
 
 def _ellipsoid(grid: np.ndarray, centre: np.ndarray, radii: np.ndarray) -> np.ndarray:
     return (((grid - centre[:, None, None, None]) / radii[:, None, None, None]) ** 2).sum(0) <= 1.0
+
+
+def check_eval_split(split: str) -> str:
+    """``split`` when the val/test loaders can read it ("val" or "test"); a DataError naming data.split if not."""
+    if split not in ("val", "test"):
+        raise DataError(f"phantom split must be 'val' or 'test', got {split!r}", "data.split",
+                        "use data.split=val or data.split=test")
+    return split
+
+
+def split_seed(seed: int, split: str) -> int:
+    """The seed of the first phantom case of ``split`` ("train", "val" or "test") for data seed ``seed``."""
+    if split != "train":
+        check_eval_split(split)
+    return seed * 10_000 + SPLIT_SEED_OFFSETS[split]
 
 
 def make_phantom(size: int = 32, seed: int = 0, noise: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
@@ -102,8 +122,11 @@ class TiledPatchDataset(Dataset):
         return self.items[index]
 
 
-class PhantomDataModule(pl.LightningDataModule):
+class PhantomDataModule(SplitDataModule):
     """Synthetic MRI phantoms as 3-D patches for the volumetric task.
+
+    Patches are shuffled from torch's global RNG (which ``seed_everything`` seeds) and loader workers
+    start afresh every epoch, as they always have, so a seed keeps giving the batches it gave before.
 
     Args:
         root: unused (the phantom needs no files); accepted so every data config has ``data.root``.
@@ -115,36 +138,24 @@ class PhantomDataModule(pl.LightningDataModule):
         num_classes, in_channels: label values (BraTS: 5) and modalities (2).
     """
 
+    seeded_shuffle = False
+    persistent_workers = False
+
     def __init__(self, root: str | None = None, split: str = "val", num_train: int = 4, num_eval: int = 2,
                  volume_size: int = 32, patch_size: int = 16, patches_per_epoch: int = 64, batch_size: int = 8,
                  num_workers: int = 0, seed: int = 0, num_classes: int = 5, in_channels: int = 2) -> None:
-        super().__init__()
-        if split not in ("val", "test"):
-            raise ValueError(f"phantom split must be 'val' or 'test', got {split!r}")
-        self.split, self.num_train, self.num_eval = split, num_train, num_eval
+        super().__init__(batch_size, num_workers, seed)
+        self.split, self.num_train, self.num_eval = check_eval_split(split), num_train, num_eval
         self.volume_size, self.patch_size, self.patches_per_epoch = volume_size, patch_size, patches_per_epoch
-        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.num_classes, self.in_channels = num_classes, in_channels
-        self.train_set: Dataset | None = None
-        self.eval_set: Dataset | None = None
 
     def _cases(self, first_seed: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
         return [make_phantom(self.volume_size, first_seed + i) for i in range(count)]
 
     def setup(self, stage: str | None = None) -> None:
-        # Disjoint seed ranges per split: no case is shared between train, val and test.
-        base = self.seed * 10_000
         if stage in (None, "fit") and self.train_set is None:
-            self.train_set = RandomPatchDataset(self._cases(base, self.num_train), self.patch_size,
-                                                self.patches_per_epoch, self.seed)
+            cases = self._cases(split_seed(self.seed, "train"), self.num_train)
+            self.train_set = RandomPatchDataset(cases, self.patch_size, self.patches_per_epoch, self.seed)
         if self.eval_set is None:
-            offset = 5_000 if self.split == "val" else 7_500
-            self.eval_set = TiledPatchDataset(self._cases(base + offset, self.num_eval), self.patch_size)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.eval_set, batch_size=self.batch_size, num_workers=self.num_workers)
-
-    test_dataloader = val_dataloader
+            cases = self._cases(split_seed(self.seed, self.split), self.num_eval)
+            self.eval_set = TiledPatchDataset(cases, self.patch_size)

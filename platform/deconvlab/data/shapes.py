@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from deconvlab.data.loaders import SplitDataModule
+from deconvlab.data.base import SplitDataModule
+from deconvlab.errors import DataError
 
 SHAPE_CLASSES = ("background", "square", "disk", "triangle")
 SHAPE_PALETTE = ((40, 40, 40), (230, 60, 50), (60, 190, 75), (60, 100, 230))
@@ -101,7 +102,8 @@ def make_shapes_sample(seed: int, split: str, index: int,
     Objects are drawn in turn, later ones occluding earlier ones; the mask records what is visible.
     """
     if split not in SPLIT_IDS:
-        raise ValueError(f"shapes split must be one of {sorted(SPLIT_IDS)}, got {split!r}")
+        raise DataError(f"shapes split must be one of {sorted(SPLIT_IDS)}, got {split!r}", "data.split",
+                        "use data.split=val or data.split=test")
     rng = np.random.default_rng([seed, SPLIT_IDS[split], index])
     h, w = config.height, config.width
     image = _background(rng, h, w)
@@ -184,16 +186,16 @@ class ShapesDataModule(SplitDataModule):
                  min_size: float = 0.12, max_size: float = 0.3, noise: float = 0.08, batch_size: int = 16,
                  num_workers: int = 0, seed: int = 0, num_classes: int = len(SHAPE_CLASSES),
                  ignore_index: int = 255, palette: list[list[int]] | None = None) -> None:
-        super().__init__()
+        super().__init__(batch_size, num_workers, seed)
         if root is not None:
-            raise ValueError(f"data.root={root!r}: the shapes set is generated, not read; drop data.root, "
-                             "or point data=camvid at a folder (write_shapes_folder makes one)")
+            raise DataError(f"data.root={root!r}: the shapes set is generated, not read", "data.root",
+                            "drop data.root, or point data=camvid at a folder (write_shapes_folder makes one)")
         if num_classes != len(SHAPE_CLASSES):
-            raise ValueError(f"data.num_classes must be {len(SHAPE_CLASSES)} for shapes {SHAPE_CLASSES}")
-        self.split, self.seed = split, seed
+            raise DataError(f"data.num_classes must be {len(SHAPE_CLASSES)} for shapes {SHAPE_CLASSES}",
+                            "data.num_classes", f"set data.num_classes={len(SHAPE_CLASSES)} or leave it out")
+        self.split = split
         self.config = ShapesConfig(height, width, min_objects, max_objects, min_size, max_size, noise)
         self.num_train, self.num_val = num_train, num_val
-        self.batch_size, self.num_workers = batch_size, num_workers
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.class_names = SHAPE_CLASSES
         self.box_classes = tuple(range(1, len(SHAPE_CLASSES)))  # what `box`/`box_label` are boxes of

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deconvlab.models.registry import register_model
+from deconvlab.models.catalogue import register_model
 
 UNPOOL_MODES = ("switches", "naive", "upsample")
 
@@ -74,8 +74,8 @@ def _mlp(sizes: Sequence[int], last_activation: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-@register_model(task="reconstruction", example_shape=(1, 28, 28),
-                tiny_kwargs={"hidden_sizes": [8], "code_size": 2}, name="fc_autoencoder")
+@register_model("autoencoder_fc", "reconstruction", example_shape=(1, 28, 28),
+                tiny_kwargs={"hidden_sizes": [8], "code_size": 2})
 class FCAutoencoder(nn.Module):
     """A fully connected autoencoder: flatten, ReLU hidden layers, linear code, mirrored decoder.
 
@@ -119,7 +119,7 @@ def _valid_conv_sizes(side: int, blocks: Sequence[Sequence[int]], kernel_size: i
     return sides
 
 
-@register_model(task="reconstruction", example_shape=(1, 28, 28),
+@register_model("autoencoder_conv", "reconstruction", example_shape=(1, 28, 28),
                 tiny_kwargs={"conv_channels": [[2, 2], [4]], "dense_size": 8, "code_size": 2})
 class ConvAutoencoder(nn.Module):
     """Convolutional autoencoder whose decoder is unpooling + transposed convolution.

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deconvlab.models.registry import register_model
+from deconvlab.models.catalogue import register_model
 from deconvlab.models.vgg import VGG16, he_init, scaled
 
 # The decoder's output channels per stage, from the coarsest (undoing pool5) to the finest (pool1).
@@ -68,6 +68,8 @@ def _fc_block(in_channels: int, out_channels: int, kernel_size: int) -> nn.Seque
     return nn.Sequential(conv, nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
+@register_model("deconvnet", "segmentation", example_shape=(3, 37, 45),
+                tiny_kwargs={"num_classes": 3, "width": 1 / 16, "fc_channels": 1024})
 class DeconvNet(nn.Module):
     """Encoder-decoder segmentation net with switch (or naive) unpooling; logits of the input's size.
 
@@ -108,7 +110,3 @@ class DeconvNet(nn.Module):
             switches = features.switches[level] if features.switches else None
             y = stage(self.unpool(y, switches, features.sizes[level]))
         return self.classifier(y)
-
-
-register_model(task="segmentation", example_shape=(3, 37, 45), name="deconvnet",
-               tiny_kwargs={"num_classes": 3, "width": 1 / 16, "fc_channels": 1024})(DeconvNet)

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deconvlab.models.registry import register_model
+from deconvlab.models.catalogue import register_model
 from deconvlab.models.vgg import he_init, scaled
 
 BINOMIAL_5 = (1.0, 4.0, 6.0, 4.0, 1.0)  # Burt & Adelson's generating kernel, a Gaussian of sigma ~1
@@ -148,6 +148,8 @@ def superpixel_vote(labels: np.ndarray, segments: np.ndarray, num_classes: int) 
     return vote_shares(labels, segments, num_classes).argmax(axis=1)[segments]
 
 
+@register_model("farabet", "segmentation", example_shape=(3, 37, 45),
+                tiny_kwargs={"num_classes": 3, "width": 0.25})
 class Farabet(nn.Module):
     """Laplacian pyramid -> shared-weight convnet per level -> upsample + concat -> per-pixel classifier.
 
@@ -190,7 +192,3 @@ class Farabet(nn.Module):
             out.append(torch.from_numpy(shares).permute(2, 0, 1))
         # A small floor keeps the loss finite for classes that no pixel of a superpixel voted for.
         return torch.stack(out).to(logits).clamp_min(1e-4).log()
-
-
-register_model(task="segmentation", example_shape=(3, 37, 45), name="farabet",
-               tiny_kwargs={"num_classes": 3, "width": 0.25})(Farabet)

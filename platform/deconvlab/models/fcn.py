@@ -15,11 +15,13 @@ only trim the extra row/column that ``ceil_mode`` adds for sizes that are not mu
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deconvlab.models.registry import register_model
+from deconvlab.models.catalogue import register_model
 from deconvlab.models.vgg import VGG16, he_init, scaled
 
 FCN_STRIDES = (32, 16, 8)
@@ -143,19 +145,20 @@ class FCN(nn.Module):
 _TINY = {"num_classes": 3, "width": 1 / 16, "fc_channels": 1024, "batch_norm": True}
 
 
-@register_model(task="segmentation", example_shape=(3, 37, 45), tiny_kwargs=_TINY)
-def fcn32s(num_classes: int, **kwargs) -> FCN:
+# One catalogue entry per stride, named as its conf/model file: the stride is what makes the variant.
+@register_model("fcn32s", "segmentation", example_shape=(3, 37, 45), tiny_kwargs=_TINY)
+def fcn32s(num_classes: int, **kwargs: Any) -> FCN:
     """FCN-32s: a single 32x upsampling of the fc7 scores."""
     return FCN(num_classes, stride=32, **kwargs)
 
 
-@register_model(task="segmentation", example_shape=(3, 37, 45), tiny_kwargs=_TINY)
-def fcn16s(num_classes: int, **kwargs) -> FCN:
+@register_model("fcn16s", "segmentation", example_shape=(3, 37, 45), tiny_kwargs=_TINY)
+def fcn16s(num_classes: int, **kwargs: Any) -> FCN:
     """FCN-16s: fc7 scores fused with pool4 scores, then 16x upsampling."""
     return FCN(num_classes, stride=16, **kwargs)
 
 
-@register_model(task="segmentation", example_shape=(3, 37, 45), tiny_kwargs=_TINY)
-def fcn8s(num_classes: int, **kwargs) -> FCN:
+@register_model("fcn8s", "segmentation", example_shape=(3, 37, 45), tiny_kwargs=_TINY)
+def fcn8s(num_classes: int, **kwargs: Any) -> FCN:
     """FCN-8s: fc7, pool4 and pool3 scores fused, then 8x upsampling."""
     return FCN(num_classes, stride=8, **kwargs)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deconvlab.models.registry import register_model
+from deconvlab.models.catalogue import register_model
 from deconvlab.models.vgg import VGG16, scaled
 
 BOX_VALUES = 4
@@ -35,7 +35,7 @@ def split_output(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return output[:, :-BOX_VALUES], output[:, -BOX_VALUES:]
 
 
-@register_model(task="localisation", example_shape=(3, 32, 32),
+@register_model("localiser", "localisation", example_shape=(3, 32, 32),
                 tiny_kwargs={"num_classes": 3, "width": 1 / 16, "hidden": 16, "grid": 2})
 class Localiser(nn.Module):
     """VGG-16 encoder, a class head and a box head.

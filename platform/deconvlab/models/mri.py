@@ -5,7 +5,7 @@ All classify the centre voxel of a patch (``forward``: patch -> ``[B, K]``) and 
 voxel of a large tile in one pass (``dense_logits``: tile -> ``[B, K, ...]`` shrunk by ``margin`` on each
 side) with exactly the numbers the patch classifier would give per voxel: every layer is a valid
 (unpadded) convolution or a stride-1 pooling, so sliding the patch by one voxel slides the output
-by one voxel. :mod:`deconvlab.inference` builds whole-volume inference on ``dense_logits``.
+by one voxel. :mod:`deconvlab.volume.dense` builds whole-volume inference on ``dense_logits``.
 
 Input layouts are those of :mod:`deconvlab.data.brats` (one tensor per the model contract):
 TwoPathCNN ``[B, C*slices, S, S]``; DualPathwayCNN3d ``[B, 2C, S, S, S]`` = C normal-resolution
@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deconvlab.models.registry import register_model
+from deconvlab.models.catalogue import register_model
 
 
 def _squeeze_centre(logits: torch.Tensor) -> torch.Tensor:
@@ -31,8 +32,6 @@ def _squeeze_centre(logits: torch.Tensor) -> torch.Tensor:
     return logits.flatten(2)[..., 0] if all(s == 1 for s in logits.shape[2:]) else logits
 
 
-@register_model(task="volumetric", example_shape=(2, 33, 33),
-                tiny_kwargs={"in_channels": 2, "num_classes": 5, "local_width": 4, "global_width": 8})
 class TwoPathCNN(nn.Module):
     """Havaei et al. 2017's TwoPathCNN: a local pathway (7x7 conv, 4x4 max-pool, 3x3 conv, 2x2 max-pool,
     all stride 1) and a global pathway (one 13x13 conv) side by side on a 33x33 patch, concatenated and
@@ -120,8 +119,6 @@ def _dilated_reference(blocks: nn.Sequential, x: torch.Tensor, dilation: int) ->
     return x
 
 
-@register_model(task="volumetric", example_shape=(4, 9, 9, 9),
-                tiny_kwargs={"in_channels": 2, "num_classes": 5, "widths": [4, 4, 4, 4], "fc_width": 8})
 class DualPathwayCNN3d(nn.Module):
     """A DeepMedic-like 3-D patch CNN (Kamnitsas et al. 2017): a normal-resolution pathway and a
     context pathway on an ``f``-times downsampled, ``f``-times larger region, fused by 1x1x1 layers.
@@ -220,7 +217,7 @@ def _centre_crop(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ multiple networks
-@register_model(task="volumetric", example_shape=(2, 19, 19, 19),
+@register_model("cascade_deepmedic", "volumetric", example_shape=(2, 19, 19, 19),
                 tiny_kwargs={"in_channels": 2, "num_classes": 5, "first_widths": [4, 4], "second_widths": [4, 4],
                              "fc_width": 8})
 class CascadeCNN3d(nn.Module):
@@ -279,7 +276,8 @@ def _tiny_member() -> nn.Module:
     return DualPathwayCNN3d(2, 5, widths=[4, 4], context_factor=3, fc_width=8)
 
 
-@register_model(task="volumetric", example_shape=(4, 5, 5, 5), tiny_kwargs={"member": _tiny_member, "size": 2})
+@register_model("deepmedic_ensemble", "volumetric", example_shape=(4, 5, 5, 5),
+                tiny_kwargs={"member": _tiny_member, "size": 2})
 class PatchNetEnsemble(nn.Module):
     """``size`` patch nets of one layout (independently initialised) whose class probabilities are averaged.
 
@@ -310,3 +308,36 @@ class PatchNetEnsemble(nn.Module):
 
     def dense_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self._average([member.dense_logits(x) for member in self.members])
+
+
+# ---------------------------------------------------------------------- catalogue entries with variants
+# TwoPathCNN and DualPathwayCNN3d have several configurations in conf/model, so each configuration gets a
+# builder named as its conf file; the builder's default is what makes the variant.
+_TINY_TWOPATH = {"num_classes": 5, "local_width": 4, "global_width": 8}
+_TINY_DEEPMEDIC = {"in_channels": 2, "num_classes": 5, "fc_width": 8}
+
+
+@register_model("twopath_cnn", "volumetric", example_shape=(2, 33, 33), tiny_kwargs=_TINY_TWOPATH)
+def twopath_cnn(in_channels: int = 2, **kwargs: Any) -> TwoPathCNN:
+    """TwoPathCNN on one axial slice of every modality (FLAIR + T1c: 2 channels)."""
+    return TwoPathCNN(in_channels, **kwargs)
+
+
+@register_model("twopath_cnn_2p5d", "volumetric", example_shape=(6, 33, 33), tiny_kwargs=_TINY_TWOPATH)
+def twopath_cnn_2p5d(in_channels: int = 6, **kwargs: Any) -> TwoPathCNN:
+    """TwoPathCNN on 2.5-D patches: 3 neighbouring axial slices x 2 modalities as channels."""
+    return TwoPathCNN(in_channels, **kwargs)
+
+
+@register_model("deepmedic", "volumetric", example_shape=(4, 9, 9, 9),
+                tiny_kwargs={**_TINY_DEEPMEDIC, "widths": [4, 4, 4, 4]})
+def deepmedic(widths: Sequence[int] = (16, 16, 24, 24), **kwargs: Any) -> DualPathwayCNN3d:
+    """The DeepMedic-like net with four 3^3 layers per pathway: a 9^3 patch."""
+    return DualPathwayCNN3d(widths=widths, **kwargs)
+
+
+@register_model("deepmedic_p7", "volumetric", example_shape=(4, 7, 7, 7),
+                tiny_kwargs={**_TINY_DEEPMEDIC, "widths": [4, 4, 4]})
+def deepmedic_p7(widths: Sequence[int] = (16, 16, 24), **kwargs: Any) -> DualPathwayCNN3d:
+    """The DeepMedic-like net with three 3^3 layers per pathway: a 7^3 patch."""
+    return DualPathwayCNN3d(widths=widths, **kwargs)

@@ -18,10 +18,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deconvlab.models.registry import register_model
+from deconvlab.models.catalogue import register_model
 from deconvlab.models.vgg import he_init, scaled
 
 
+@register_model("patchnet", "segmentation", example_shape=(3, 23, 29),
+                tiny_kwargs={"num_classes": 3, "channels": (4, 8), "hidden": 16})
 class PatchNet(nn.Module):
     """A patch classifier evaluated densely (and, for comparison, patch by patch).
 
@@ -118,7 +120,3 @@ class PatchNet(nn.Module):
             patches = strip.permute(0, 3, 1, 2, 4).reshape(batch * width, channels, p, p)
             rows.append(self.classify_patches(patches).reshape(batch, width, -1))
         return torch.stack(rows, dim=1).permute(0, 3, 1, 2)
-
-
-register_model(task="segmentation", example_shape=(3, 23, 29), name="patchnet",
-               tiny_kwargs={"num_classes": 3, "channels": (4, 8), "hidden": 16})(PatchNet)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from deconvlab.models.registry import register_model
+from deconvlab.models.catalogue import register_model
 
 
-@register_model(task="restoration", example_shape=(1, 24, 24), tiny_kwargs={"width": 8, "depth": 3})
+@register_model("residual_deblur_cnn", "restoration", example_shape=(1, 24, 24), tiny_kwargs={"width": 8, "depth": 3})
 class ResidualDeblurCNN(nn.Module):
     """A plain stack of 3x3 convolutions that predicts the residual sharp - blurred.
 
@@ -41,7 +41,8 @@ def _conv_block(conv: type[nn.Module], norm: type[nn.Module], cin: int, cout: in
     return nn.Sequential(conv(cin, cout, 3, padding=1), norm(cout), nn.ReLU(inplace=True))
 
 
-@register_model(task="segmentation", example_shape=(3, 32, 32), tiny_kwargs={"num_classes": 3, "width": 4})
+@register_model("tiny_encoder_decoder", "segmentation", example_shape=(3, 32, 32),
+                tiny_kwargs={"num_classes": 3, "width": 4})
 class TinyEncoderDecoder(nn.Module):
     """A two-level conv encoder with a transposed-convolution decoder: the smallest segmentation net.
 
@@ -68,7 +69,8 @@ class TinyEncoderDecoder(nn.Module):
         return self.classify(features)
 
 
-@register_model(task="volumetric", example_shape=(2, 12, 12, 12), tiny_kwargs={"num_classes": 3, "width": 4})
+@register_model("tiny_volume_net", "volumetric", example_shape=(2, 12, 12, 12),
+                tiny_kwargs={"num_classes": 3, "width": 4})
 class TinyVolumeNet(nn.Module):
     """Fully convolutional 3-D net (same-size output): the smallest volumetric segmenter.
 

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deconvlab.data.degrade import KernelLike, as_kernel, check_image, check_kernel
-from deconvlab.models.registry import register_model
+from deconvlab.models.catalogue import register_model
 
 BOUNDARIES = ("circular", "reflect", "taper")
 
@@ -260,10 +260,10 @@ def separable_filter(image: torch.Tensor, horizontal: torch.Tensor, vertical: to
 
 
 @register_model(
-    task="restoration",
+    "wiener",
+    "restoration",
     example_shape=(1, 32, 32),
     tiny_kwargs={"kernel": [[0.0, 0.125, 0.0], [0.125, 0.5, 0.125], [0.0, 0.125, 0.0]], "learn_snr": True},
-    name="wiener",
 )
 class Wiener(nn.Module):
     """Wiener deconvolution as a model: a classical baseline the restoration task can evaluate.

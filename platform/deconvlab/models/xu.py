@@ -19,17 +19,18 @@ channels are restored independently by the same single-channel network.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from deconvlab.data.degrade import KernelLike, as_kernel
-from deconvlab.models.registry import register_model
+from deconvlab.models.catalogue import register_model
 from deconvlab.models.wiener import pseudo_inverse_kernel, separable_factors
 
 INITS = ("svd", "random")
-_TINY_KERNEL = [[0.0, 0.125, 0.0], [0.125, 0.5, 0.125], [0.0, 0.125, 0.0]]
+_TINY_DCNN = {"kernel": [[0.0, 0.125, 0.0], [0.125, 0.5, 0.125], [0.0, 0.125, 0.0]], "support": 7, "rank": 2}
 
 
 def _check_input(x: torch.Tensor, channels: int | None, min_size: int, name: str) -> None:
@@ -53,12 +54,6 @@ def _per_channel(x: torch.Tensor, net) -> torch.Tensor:
     return net(x.reshape(b * c, 1, h, w)).reshape(b, c, h, w)
 
 
-@register_model(
-    task="restoration",
-    example_shape=(1, 16, 16),
-    tiny_kwargs={"kernel": _TINY_KERNEL, "support": 7, "rank": 2},
-    name="xu_dcnn",
-)
 class DeconvCNN(nn.Module):
     """Xu's deconvolution CNN: ``1 x K`` (r channels) -> ``K x 1`` (per channel) -> ``1 x 1`` merge.
 
@@ -124,12 +119,8 @@ def _same_padding(size: int, shift_left: bool) -> tuple[int, int]:
     return ((size - 1) // 2, size // 2) if shift_left else (size // 2, (size - 1) // 2)
 
 
-@register_model(
-    task="restoration",
-    example_shape=(1, 16, 16),
-    tiny_kwargs={"width": 4, "kernel_sizes": (4, 1, 2)},
-    name="xu_odcnn",
-)
+@register_model("xu_odcnn", "restoration", example_shape=(1, 16, 16),
+                tiny_kwargs={"width": 4, "kernel_sizes": (4, 1, 2)})
 class OutlierRejectionCNN(nn.Module):
     """Xu's outlier-rejection network: conv ``k1`` (width) -> conv ``k2`` (width) -> conv ``k3`` (1).
 
@@ -182,12 +173,8 @@ class OutlierRejectionCNN(nn.Module):
         return _per_channel(x, self._single_channel)
 
 
-@register_model(
-    task="restoration",
-    example_shape=(1, 16, 16),
-    tiny_kwargs={"kernel": _TINY_KERNEL, "support": 7, "rank": 2, "width": 4, "kernel_sizes": (4, 1, 2)},
-    name="xu_full",
-)
+@register_model("xu_full", "restoration", example_shape=(1, 16, 16),
+                tiny_kwargs={**_TINY_DCNN, "width": 4, "kernel_sizes": (4, 1, 2)})
 class DeconvOutlierCNN(nn.Module):
     """Xu's full network: :class:`DeconvCNN` followed by :class:`OutlierRejectionCNN`.
 
@@ -220,3 +207,17 @@ class DeconvOutlierCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.outlier(self.deconv(x))
+
+
+# DeconvCNN has two configurations (conf/model/xu_dcnn*.yaml), so each gets a catalogue entry of its own
+# named as its conf file; the start is what makes the variant.
+@register_model("xu_dcnn", "restoration", example_shape=(1, 16, 16), tiny_kwargs=_TINY_DCNN)
+def xu_dcnn(kernel: KernelLike | None = None, init: str = "svd", **kwargs: Any) -> DeconvCNN:
+    """The deconvolution CNN started as the rank-r separable Wiener filter of ``kernel``."""
+    return DeconvCNN(kernel, init=init, **kwargs)
+
+
+@register_model("xu_dcnn_random", "restoration", example_shape=(1, 16, 16), tiny_kwargs=_TINY_DCNN)
+def xu_dcnn_random(kernel: KernelLike | None = None, init: str = "random", **kwargs: Any) -> DeconvCNN:
+    """The deconvolution CNN from PyTorch's default random initialisation: what the SVD start buys."""
+    return DeconvCNN(kernel, init=init, **kwargs)

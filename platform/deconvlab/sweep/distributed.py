@@ -7,24 +7,24 @@ Tune's ``TuneReportCallback`` forwards rank 0's metrics (and the checkpoint's pa
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-from omegaconf import OmegaConf
+import ray.train
+from omegaconf import DictConfig, OmegaConf
+from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from deconvlab.sweep.trial_callbacks import ReportToRay, RestoreSampledOptimiserSettings, checkpoint_file
+from deconvlab.train import train
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
-    import ray.train
-    from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment
-
-    from deconvlab.sweep.trial import CHECKPOINT_FILE, ReportToRay, RestoreSampledOptimiserSettings
-    from deconvlab.train import train
-
     cfg = OmegaConf.create(config["cfg"])
     callbacks = [ReportToRay(ray.train.report)]
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        cfg.ckpt_path = os.path.join(checkpoint.to_directory(), CHECKPOINT_FILE)
+        cfg.ckpt_path = checkpoint_file(checkpoint)
         callbacks.append(RestoreSampledOptimiserSettings(config["optimiser_settings"]))
     # Each rank writes its own folder; rank 0's checkpoint and samples are the ones reported.
     cfg.paths.output_dir = f"{cfg.paths.output_dir}/rank{ray.train.get_context().get_world_rank()}"
@@ -33,16 +33,18 @@ def _worker_loop(config: dict[str, Any]) -> None:
                              "devices": "auto", "use_distributed_sampler": True})
 
 
-def fit_with_ray_train(cfg, workers: int, resources: dict[str, float], name: str,
+def fit_with_ray_train(cfg: DictConfig, workers: int, resources: dict[str, float], name: str,
                        storage_path: str | None = None, optimiser_settings: dict[str, Any] | None = None) -> None:
-    """Train ``cfg`` on ``workers`` Ray Train workers, each with ``resources`` (cpu, gpu).
+    """Train ``cfg`` on ``workers`` Ray Train workers, each with ``resources``.
 
-    ``optimiser_settings`` (the trial's sampled ``optim.*`` values) are put back after a resume.
+    Args:
+        cfg: the trial's composed config.
+        workers: how many DDP workers.
+        resources: per worker: ``cpu`` and ``gpu`` (may be fractional).
+        name: the Ray Train run's name (the trial's name: a restored trial finds its run again).
+        storage_path: Ray's storage for the workers' checkpoints (shared storage on a cluster).
+        optimiser_settings: the trial's sampled ``optim.*`` values, put back after a resume.
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     gpu = float(resources.get("gpu", 0))
     per_worker = {"CPU": float(resources.get("cpu", 1))} | ({"GPU": gpu} if gpu else {})
     trainer = TorchTrainer(

@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.fs
+import ray
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+from ray.tune.search.optuna import OptunaSearch
 
 from deconvlab import tracking
 from deconvlab.config import compose_config
 from deconvlab.errors import UserError, first_line
-from deconvlab.sweep import leaderboard as lb
+from deconvlab.sweep.child_runs import MLflowSweepCallback, close_open_children
 from deconvlab.sweep.spec import SweepSpec, load_sweep, validate
-from deconvlab.sweep.tracking import MLflowSweepCallback, close_open_children
 from deconvlab.sweep.trial import run_trial
+from deconvlab.sweep.views import log_sweep_views, print_leaderboard
 
 DEFAULT_STORAGE = "ray_results"
 RAY_PATH_TAG = "deconvlab.ray_experiment_path"
@@ -39,8 +45,6 @@ class SweepOutcome:
 
 
 def _scheduler(spec: SweepSpec, max_epochs: int):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
-
     options = {k: v for k, v in spec.scheduler.items() if k != "type"}
     kind = spec.scheduler["type"]
     if kind == "asha":
@@ -57,8 +61,6 @@ def _searcher(spec: SweepSpec):
     if any(d.kind == "grid" for d in spec.search_space.values()):
         raise UserError("optuna search cannot take grid(...) dimensions", f"{spec.path}: search_space",
                         "use choice(...) with optuna, or search: {type: grid}")
-    from ray.tune.search.optuna import OptunaSearch
-
     return OptunaSearch(**{k: v for k, v in spec.search.items() if k != "type"})
 
 
@@ -82,8 +84,6 @@ def check_cluster_can_run(spec: SweepSpec, available: dict[str, float]) -> None:
 
 def init_ray(address: str | None) -> dict[str, float]:
     """Connect to a cluster (``auto`` or HOST:PORT) or start a local one; returns its resources."""
-    import ray
-
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address and address != "auto" and not ray.is_initialized():
         _check_port_open(address)
@@ -98,8 +98,6 @@ def init_ray(address: str | None) -> dict[str, float]:
 
 def _check_port_open(address: str, timeout_s: float = 5.0) -> None:
     """ray.init waits minutes for an address nobody listens on: knock on the GCS port first."""
-    import socket
-
     host, _, port = address.removeprefix("ray://").rpartition(":")
     try:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
@@ -116,9 +114,6 @@ def resolve_storage(storage_path: str | None) -> str:
 
 def latest_experiment(storage: str, spec: SweepSpec) -> str:
     """The newest restorable Ray experiment of this sweep under ``storage`` (a folder or a URI), for --resume."""
-    import pyarrow.fs
-    from ray import tune
-
     filesystem, root = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else Path(storage).as_uri())
     entries = filesystem.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
     names = sorted((e.base_name for e in entries if e.type == pyarrow.fs.FileType.Directory
@@ -144,41 +139,6 @@ def _log_parent(client, run_id: str, spec: SweepSpec, overrides: Sequence[str], 
     client.log_artifact(run_id, spec.path, "sweep")
 
 
-def _log_leaderboard(client, run_id: str, table: pd.DataFrame, spec: SweepSpec) -> pd.DataFrame:
-    """Log the leaderboard (with each trial's cost) and the sweep's views to the parent; return the table."""
-    from deconvlab.report import log_sweep_views
-
-    # Trial costs (MACs/px, latency) join the table; parallel coordinates, Pareto front, report.html.
-    table = log_sweep_views(client, run_id) if len(table) else table
-    with tempfile.TemporaryDirectory() as folder:
-        out = Path(folder)
-        table.to_csv(out / "leaderboard.csv", index=False)
-        table.to_html(out / "leaderboard.html", index=False, float_format=lambda v: f"{v:.4g}")
-        lb.render_png(table, out / "leaderboard.png", f"{spec.name}: {spec.metric} ({spec.mode})")
-        lb.render_curves(lb.metric_histories(client, table, spec.metric), spec.metric, out / "curves.png")
-        client.log_artifacts(run_id, folder, "leaderboard")
-    if len(table):
-        best = table.iloc[0]
-        client.set_tag(run_id, "deconvlab.best_trial", best["trial"])
-        client.set_tag(run_id, "deconvlab.best_run_id", best["mlflow_run"])
-        client.log_metric(run_id, f"best/{spec.metric}", float(best[f"best {spec.metric}"]))
-    return table
-
-
-def _print_leaderboard(table: pd.DataFrame, spec: SweepSpec, tracking_uri: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    shown = Table(title=f"leaderboard of sweep {spec.name}: {spec.metric} ({spec.mode})")
-    for column in table.columns:
-        shown.add_column(str(column))
-    for _, row in table.iterrows():
-        shown.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
-    console = Console(width=200)
-    console.print(shown)
-    console.print(f"compare runs in the MLflow UI: deconvlab ui   (store: {tracking_uri})")
-
-
 def _find_parent(client, experiment: str, path: str) -> str:
     found = client.get_experiment_by_name(experiment)
     runs = client.search_runs([found.experiment_id], f"tags.`{RAY_PATH_TAG}` = '{path}'") if found else []
@@ -188,9 +148,16 @@ def _find_parent(client, experiment: str, path: str) -> str:
     return runs[0].info.run_id
 
 
-def _build_tuner(spec, trainable, storage, run_name, callback, scheduler, searcher, quiet, restore_path):
-    from ray import tune
+def _record_best(client: MlflowClient, run_id: str, table: pd.DataFrame, metric: str) -> None:
+    """Tag the parent run with the best trial and its run; log the best value of the metric."""
+    if len(table):
+        best = table.iloc[0]
+        client.set_tag(run_id, "deconvlab.best_trial", best["trial"])
+        client.set_tag(run_id, "deconvlab.best_run_id", best["mlflow_run"])
+        client.log_metric(run_id, f"best/{metric}", float(best[f"best {metric}"]))
 
+
+def _build_tuner(spec, trainable, storage, run_name, callback, scheduler, searcher, quiet, restore_path):
     param_space = {k: d.to_tune() for k, d in spec.search_space.items()}
     if restore_path:
         return tune.Tuner.restore(restore_path, trainable, resume_unfinished=True, resume_errored=True,
@@ -229,8 +196,6 @@ def run_sweep(name_or_path: str, overrides: Sequence[str] = (), address: str | N
     Raises:
         UserError: anything wrong with the sweep file, the cluster or the tracking store, before any trial.
     """
-    from ray import tune
-
     # Ray snapshots the experiment state every few seconds by default; every 2 s, a killed driver loses
     # at most that much bookkeeping (trials then resume from their last checkpoint, not from scratch).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
@@ -251,7 +216,7 @@ def run_sweep(name_or_path: str, overrides: Sequence[str] = (), address: str | N
     restore_path = latest_experiment(storage, spec) if resume else None
     run_name = Path(restore_path).name if restore_path else f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     path = restore_path or f"{storage}/{run_name}"
-    parent_id = _find_parent(tracking.MlflowClient(uri), experiment, path) if restore_path else None
+    parent_id = _find_parent(MlflowClient(uri), experiment, path) if restore_path else None
     tags = {"deconvlab.sweep": spec.name, "deconvlab.role": "parent"}
     with tracking.tracked_run(experiment, run_name, uri, tags, base.logger.get("artifact_root"),
                               run_id=parent_id) as (client, parent_id):
@@ -272,10 +237,11 @@ def run_sweep(name_or_path: str, overrides: Sequence[str] = (), address: str | N
             raise
         # Trials Ray gave up on (e.g. a lost node past max_failures) must not stay RUNNING.
         close_open_children(client, experiment_id, parent_id, "FAILED")
-        table = lb.build_leaderboard(client, experiment_id, parent_id, spec.metric, spec.mode)
-        table = _log_leaderboard(client, parent_id, table, spec)
+        # Trial costs, the leaderboard (CSV/HTML/PNG), curves and other plots, best samples, report.html.
+        table = log_sweep_views(client, parent_id)
+        _record_best(client, parent_id, table, spec.metric)
     if not quiet:
-        _print_leaderboard(table, spec, uri)
+        print_leaderboard(table, spec.name, spec.metric, spec.mode, uri)
     best = table.iloc[0] if len(table) else None
     return SweepOutcome(parent_id, experiment, path, table, None if best is None else best["trial"],
                         None if best is None else best["mlflow_run"])

@@ -27,7 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from ray import tune
 
+from deconvlab.build import build_task
+from deconvlab.config import compose_config, config_groups, project_root
 from deconvlab.errors import UserError, first_line
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "quniform", "loguniform", "qloguniform", "randint", "qrandint")
@@ -45,8 +51,6 @@ class Distribution:
 
     def to_tune(self) -> Any:
         """The Ray Tune sampler (``grid`` becomes ``tune.grid_search``)."""
-        from ray import tune
-
         if self.kind == "grid":
             return tune.grid_search(list(self.args[0]))
         if self.kind == "choice":
@@ -160,9 +164,22 @@ def _override_value(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
-def sweeps_dir() -> Path:
-    from deconvlab.config import project_root
+def trial_config(sweep: dict[str, Any], sampled: dict[str, Any], output_dir: str,
+                 extra: list[str]) -> DictConfig:
+    """The composed config of one trial: what the trial trains, and what the driver logs for its child run.
 
+    Args:
+        sweep: the sweep spec as a dict (:meth:`SweepSpec.to_dict`, what Ray ships to trials).
+        sampled: the trial's values: dotted Hydra keys -> values.
+        output_dir: the trial's scratch folder (``paths.output_dir``).
+        extra: Hydra overrides given on the command line, for every trial.
+    """
+    spec = SweepSpec.from_dict(sweep)
+    overrides = [*spec.trial_overrides(sampled), *extra, "logger=none", f"paths.output_dir={output_dir}"]
+    return compose_config(overrides)
+
+
+def sweeps_dir() -> Path:
     return project_root() / "sweeps"
 
 
@@ -274,18 +291,12 @@ def validate(spec: SweepSpec, extra_overrides: list[str] = ()) -> None:
         UserError: a search key that is not in the config, a value that does not compose, or a metric
         that the experiment's task never reports.
     """
-    from omegaconf import OmegaConf
-
-    from deconvlab.config import compose_config
-
     base = compose_config([*spec.trial_overrides({}), *extra_overrides])
     for key in spec.search_space:
         if OmegaConf.select(base, key, default="__missing__") == "__missing__":
             raise UserError(f"search key {key!r} is not in the config of experiment {spec.experiment!r}",
                             f"{spec.path}: search_space.{key}",
                             "use a dotted key that `deconvlab train --cfg job` shows")
-    from deconvlab.config import config_groups
-
     groups = set(config_groups())
     for key, dist in spec.search_space.items():
         for value in dist.values_for_validation():
@@ -303,9 +314,6 @@ def validate(spec: SweepSpec, extra_overrides: list[str] = ()) -> None:
 def _check_model_builds(cfg, where: str) -> None:
     """Instantiate the trial's model: a value that composes but cannot build (e.g. a model switched under
     an experiment that sets keys the new model does not take) must fail here, not in every trial."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
     try:
         instantiate(cfg.model)
     except InstantiationException as exc:
@@ -316,6 +324,4 @@ def _check_model_builds(cfg, where: str) -> None:
 
 def task_metric_names(cfg) -> set[str]:
     """The metric names the configured task reports (builds the task; no data is touched)."""
-    from deconvlab.train import build_task
-
     return build_task(cfg).metric_names()

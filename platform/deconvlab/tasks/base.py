@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytorch_lightning as pl
@@ -35,6 +35,10 @@ class BaseTask(pl.LightningModule):
         sample_every_n_epochs: how often sample images are rendered (0 disables them).
         num_samples: how many validation samples a rendering shows.
     """
+
+    # Set by every task class: "restoration", "segmentation", "volumetric", "reconstruction" or
+    # "localisation". The one spelling of task families: model catalogue entries use the same words.
+    family: ClassVar[str]
 
     def __init__(self, model: nn.Module, optimizer: OptimizerFactory | None = None,
                  scheduler: SchedulerFactory | None = None, monitor: str = "val/loss",

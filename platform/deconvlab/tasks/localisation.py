@@ -26,6 +26,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from deconvlab.boxes import BOX_METRIC_NAMES, BoxMetrics, draw_box, generalized_box_iou, true_boxes
+from deconvlab.models import list_models
 from deconvlab.models.localisation import split_output
 from deconvlab.tasks.base import BaseTask, side_by_side, to_uint8
 from deconvlab.tasks.segmentation import SegmentationTask, adopt_datamodule_palette, default_palette
@@ -72,6 +73,8 @@ class LocalisationTask(BaseTask):
         palette: optional [K, 3] RGB colours (boxes in samples are drawn in the predicted class's colour).
         **kwargs: see :class:`~deconvlab.tasks.base.BaseTask`.
     """
+
+    family = "localisation"
 
     def __init__(self, *args, num_classes: int, ignore_index: int = -100, background_class: int | None = 0,
                  l1_weight: float = 1.0, giou_weight: float = 1.0, palette: Sequence[Sequence[int]] | None = None,
@@ -151,15 +154,14 @@ def task_for_model(model: nn.Module, *, num_classes: int, ignore_index: int = -1
     ``val/acc_iou50`` and ``val/miou`` on the same data.
 
     Args:
-        model: the network: a class registered with ``@register_model(task="localisation")`` gets the
-            localisation task, any other model the segmentation task.
+        model: the network: an instance of a model class the catalogue lists for the localisation
+            family (:func:`deconvlab.models.list_models`) gets the localisation task, any other model
+            the segmentation task.
         num_classes, ignore_index, palette: shared by both tasks.
         background_class, l1_weight, giou_weight: localisation only (see :class:`LocalisationTask`).
         **kwargs: :class:`~deconvlab.tasks.base.BaseTask` arguments (optimizer, monitor, ...).
     """
-    from deconvlab.models.registry import list_models
-
-    localisers = tuple(spec.builder for spec in list_models("localisation") if isinstance(spec.builder, type))
+    localisers = tuple(spec.model_class for spec in list_models(LocalisationTask.family))
     if isinstance(model, localisers):
         return LocalisationTask(model, num_classes=num_classes, ignore_index=ignore_index, palette=palette,
                                 background_class=background_class, l1_weight=l1_weight,

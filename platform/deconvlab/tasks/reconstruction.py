@@ -61,6 +61,8 @@ class ReconstructionTask(BaseTask):
         **kwargs: see :class:`~deconvlab.tasks.base.BaseTask`.
     """
 
+    family = "reconstruction"
+
     def __init__(self, *args, loss: str = "mse", **kwargs) -> None:
         if loss not in ("mse", "bce"):
             raise ValueError(f"unknown reconstruction loss {loss!r}; choose 'mse' or 'bce'")

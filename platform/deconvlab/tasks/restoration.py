@@ -24,6 +24,8 @@ class RestorationTask(BaseTask):
         **kwargs: see :class:`~deconvlab.tasks.base.BaseTask`.
     """
 
+    family = "restoration"
+
     def __init__(self, *args, loss: str = "l1", crop_border: int = 0, **kwargs) -> None:
         if loss not in LOSSES:
             raise ValueError(f"unknown restoration loss {loss!r}; choose one of {sorted(LOSSES)}")

@@ -85,6 +85,8 @@ class SegmentationTask(BaseTask):
         **kwargs: see :class:`~deconvlab.tasks.base.BaseTask`.
     """
 
+    family = "segmentation"
+
     def __init__(self, *args, num_classes: int, ignore_index: int = -100,
                  class_weights: Sequence[float] | None = None, palette: Sequence[Sequence[int]] | None = None,
                  box_classes: Sequence[int] | None = None, box_metrics: bool = False, **kwargs) -> None:

@@ -9,13 +9,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.loggers import MLFlowLogger
 from torchmetrics import Metric, MetricCollection
 
+from deconvlab.data.brats import BRATS_REGIONS
 from deconvlab.tasks.base import BaseTask, side_by_side, to_uint8
 from deconvlab.tasks.segmentation import colourise, default_palette
+from deconvlab.volume.report import evaluate_cases, log_table, summarise, write_table
 
-# The BraTS convention: whole tumour, tumour core, enhancing tumour.
-BRATS_REGIONS: dict[str, tuple[int, ...]] = {"whole": (1, 2, 3, 4), "core": (1, 3, 4), "enhancing": (4,)}
 DEFAULT_CLEAN_UP = {"keep_fraction": 0.1, "fill_holes": True, "smooth_radius": 1}
 
 
@@ -59,20 +60,23 @@ class VolumetricSegmentationTask(BaseTask):
 
     Args:
         num_classes: number of label values (background included).
-        regions: region name -> the labels it unites (BraTS whole/core/enhancing by default).
+        regions: region name -> the labels it unites (BraTS whole/core/enhancing by default); the
+            validation Dice and the whole-volume table are keyed by these names.
         class_weights: optional per-class loss weights.
         volume_eval: when to label the validation cases' whole volumes with a patch net's dense inference
             ("never", "last" = the last training epoch and every ``validate``, "every" epoch): a per-case
             table (Dice, sensitivity, HD95 per region, with and without clean-up) and contour overlays
-            are logged (see :mod:`deconvlab.volume_report`); needs a net with ``dense_logits`` and a data
+            are logged (see :mod:`deconvlab.volume.report`); needs a net with ``dense_logits`` and a data
             module whose ``eval_set`` holds ``cases`` (BraTS / phantom cases).
-        clean_up: keyword arguments of :func:`deconvlab.inference.clean_up` for the "cleaned" rows;
+        clean_up: keyword arguments of :func:`deconvlab.volume.cleanup.clean_up` for the "cleaned" rows;
             None leaves the clean-up out.
-        crf: keyword arguments of :func:`deconvlab.inference.mean_field_refine` for "crf" rows (the
+        crf: keyword arguments of :func:`deconvlab.volume.cleanup.mean_field_refine` for "crf" rows (the
             refinement, then the clean-up); None (default) leaves it out.
         volume_tile: dense inference tile side.
         **kwargs: see :class:`~deconvlab.tasks.base.BaseTask`.
     """
+
+    family = "volumetric"
 
     def __init__(self, *args, num_classes: int, regions: Mapping[str, Sequence[int]] | None = None,
                  class_weights: Sequence[float] | None = None, volume_eval: str = "last",
@@ -142,12 +146,10 @@ class VolumetricSegmentationTask(BaseTask):
             if self.trainer.datamodule is not None else None
         if not self._volume_eval_due() or not cases or not hasattr(self.model, "dense_logits"):
             return
-        from deconvlab.volume_report import evaluate_cases, summarise
-
         # Full precision: the whole-volume metrics should not depend on the training's mixed precision.
         with torch.autocast(self.device.type, enabled=False):
-            self.volume_rows, self.volume_overlays = evaluate_cases(self.model, cases, self.volume_tile,
-                                                                    self.clean_up, self.crf)
+            self.volume_rows, self.volume_overlays = evaluate_cases(
+                self.model, cases, self.regions, tile=self.volume_tile, clean=self.clean_up, crf=self.crf)
         self.log_dict({f"val/{k}": v for k, v in summarise(self.volume_rows).items()}, sync_dist=True)
         self.rendered_samples.update(self.volume_overlays)  # written beside the other samples by SampleImages
         self._log_volume_table()
@@ -164,10 +166,6 @@ class VolumetricSegmentationTask(BaseTask):
         """``volume/per_case_epochNNN.csv``: an MLflow artifact, or (training without a logger: a sweep
         trial) a file under the run's root folder. Otherwise (``validate`` without a logger) the rows and
         overlays stay in ``volume_rows`` / ``volume_overlays`` for the caller to log."""
-        from pytorch_lightning.loggers import MLFlowLogger
-
-        from deconvlab.volume_report import log_table, write_table
-
         if not self.trainer.is_global_zero:
             return
         name = f"per_case_epoch{self.current_epoch:03d}.csv"

@@ -1,4 +1,4 @@
-"""The model registry: promote the best checkpoint of a sweep (or a run), move aliases, list models.
+"""Promotion to the model registry: the best checkpoint of a sweep (or a run) becomes a version, aliases move.
 
 ``promote`` packages a run's best checkpoint as an MLflow model (see :mod:`deconvlab.model_io`), registers
 it as a new version tagged with its lineage, and moves the alias (``champion`` by default) only when the
@@ -17,89 +17,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from deconvlab import tracking
+from deconvlab import model_io, tracking
+from deconvlab.build import checkpoint_model_weights, read_weights, rebuild_task, task_family
 from deconvlab.errors import UserError
-from deconvlab.model_io import TASK_FAMILIES, run_config
+from deconvlab.store import (
+    RUN_ID_PATTERN,
+    TAG,
+    checkpoint_artifact,
+    client_for,
+    get_run,
+    has_checkpoint,
+    run_config,
+    sweep_parent,
+)
 
-TAG = "deconvlab."
 PREVIOUS_ALIAS = "previous"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-RUN_ID_PATTERN = re.compile(r"^(?:runs:/)?(?P<run>[0-9a-fA-F]{32})/?$")
 LOCK_TIMEOUT_S = 120
-
-
-def client_for(tracking_uri: str | None = None) -> MlflowClient:
-    """A client for the tracking store and its model registry (the same store)."""
-    uri = tracking.resolve_tracking_uri(tracking_uri)
-    return MlflowClient(uri, registry_uri=uri)
-
-
-def _missing(exc: MlflowException) -> bool:
-    return exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
-
-
-def get_run(client: MlflowClient, run_id: str):
-    try:
-        return client.get_run(run_id)
-    except MlflowException as exc:
-        if not _missing(exc):
-            raise
-        raise UserError(f"no run {run_id}", client.tracking_uri, "check the id with deconvlab runs") from None
-
-
-def registered_names(client: MlflowClient) -> list[str]:
-    return sorted(m.name for m in client.search_registered_models())
-
-
-def find_version(client: MlflowClient, name: str, alias: str | None = None, version: str | None = None):
-    """The version of ``name`` behind an alias, a number, or (neither) the latest one.
-
-    Raises:
-        UserError: unknown model name, alias or version, listing what exists.
-    """
-    try:
-        model = client.get_registered_model(name)
-    except MlflowException as exc:
-        if not _missing(exc):
-            raise
-        names = ", ".join(registered_names(client)) or "none yet: run deconvlab promote"
-        raise UserError(f"no registered model {name!r}", client.tracking_uri,
-                        f"registered models: {names}") from None
-    if alias is not None:
-        if alias not in model.aliases:
-            known = ", ".join(f"{a} (v{v})" for a, v in sorted(model.aliases.items())) or "none"
-            raise UserError(f"model {name!r} has no alias {alias!r}", f"models:/{name}@{alias}",
-                            f"aliases of {name}: {known}")
-        return client.get_model_version(name, model.aliases[alias])
-    versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
-    if version is None and versions:
-        version = str(versions[-1])
-    if version is None or int(version) not in versions:
-        raise UserError(f"model {name!r} has no version {version}", f"models:/{name}/{version}",
-                        f"versions of {name}: {', '.join(map(str, versions)) or 'none'}")
-    return client.get_model_version(name, version)
-
-
-def checkpoint_artifact(client: MlflowClient, run) -> str:
-    """The artifact path of a run's best checkpoint (``checkpoints/*.ckpt``).
-
-    Raises:
-        UserError: the run has no checkpoint (a failed trial, a run stopped before its first validation).
-    """
-    tagged = run.data.tags.get(f"{TAG}best_checkpoint")
-    listed = client.list_artifacts(run.info.run_id, "checkpoints")
-    files = [a.path for a in listed if a.path.endswith(".ckpt")]
-    if tagged and tagged in files:
-        return tagged
-    best = [f for f in files if not f.endswith("/last.ckpt")]
-    if not best:
-        raise UserError(f"run {run.info.run_id} has no checkpoint (checkpoints/*.ckpt)",
-                        f"runs:/{run.info.run_id}",
-                        "promote a finished run or sweep trial that validated at least once")
-    return best[0]
 
 
 # -- what to promote -----------------------------------------------------------------------------------
@@ -136,19 +74,6 @@ def _check_mode(mode: str) -> str:
     return mode
 
 
-def sweep_parent(client: MlflowClient, sweep: str):
-    experiment = client.get_experiment_by_name(f"sweep-{sweep}")
-    parents = client.search_runs([experiment.experiment_id], f"tags.{TAG}role = 'parent'",
-                                 order_by=["attributes.start_time DESC"]) if experiment else []
-    if not parents:
-        sweeps = sorted(e.name.removeprefix("sweep-") for e in client.search_experiments()
-                        if e.name.startswith("sweep-"))
-        raise UserError(f"no sweep {sweep!r} and no run with that id", client.tracking_uri,
-                        f"pass a run id or one of the sweeps: {', '.join(sweeps) or 'none yet'}")
-    finished = [p for p in parents if p.info.status == "FINISHED"]
-    return (finished or parents)[0]
-
-
 def _from_sweep(client: MlflowClient, parent, metric: str | None, mode: str | None) -> Candidate:
     metric = metric or parent.data.params.get("sweep.metric")
     mode = _check_mode(mode or parent.data.params.get("sweep.mode", "max"))
@@ -160,7 +85,7 @@ def _from_sweep(client: MlflowClient, parent, metric: str | None, mode: str | No
                         f"runs:/{parent.info.run_id}",
                         "rank by the sweep's own metric, or check the sweep finished")
     ranked.sort(key=lambda c: _best_value(c, metric), reverse=(mode == "max"))
-    best = next((c for c in ranked if _has_checkpoint(client, c)), None)
+    best = next((c for c in ranked if has_checkpoint(client, c)), None)
     if best is None:
         raise UserError(f"no trial of sweep run {parent.info.run_id} has a checkpoint",
                         f"runs:/{parent.info.run_id}",
@@ -168,14 +93,6 @@ def _from_sweep(client: MlflowClient, parent, metric: str | None, mode: str | No
     return Candidate(best, metric, mode, _best_value(best, metric), checkpoint_artifact(client, best),
                      parent.data.tags.get(f"{TAG}sweep"), parent.info.run_id,
                      best.data.tags.get(f"{TAG}trial_id"))
-
-
-def _has_checkpoint(client: MlflowClient, run) -> bool:
-    try:
-        checkpoint_artifact(client, run)
-    except UserError:
-        return False
-    return True
 
 
 def _from_run(client: MlflowClient, run, metric: str | None, mode: str | None) -> Candidate:
@@ -233,7 +150,7 @@ def _lineage(candidate: Candidate, cfg) -> dict[str, str]:
         "dataset": f"{_short(data._target_)}(root={data.get('root')}, split={data.get('split')})",
         "experiment": str(cfg.get("name")), "model": _short(cfg.model._target_),
         "config": " ".join(cfg.get("overrides") or [])[:4000],
-        "family": TASK_FAMILIES.get(_short(cfg.task._target_), ""),
+        "family": task_family(cfg),
     }
     return {f"{TAG}{k}": v for k, v in tags.items() if v != ""}
 
@@ -244,12 +161,10 @@ def _short(target: str) -> str:
 
 def _package(client: MlflowClient, candidate: Candidate, cfg) -> None:
     """Rebuild the candidate's network from its checkpoint and log it as the run's ``model`` artifact."""
-    from deconvlab import model_io
-
     with tempfile.TemporaryDirectory() as folder:
         path = client.download_artifacts(candidate.run_id, candidate.checkpoint, folder)
-        weights = model_io.checkpoint_model_weights(model_io.read_weights(path), candidate.checkpoint)
-        task = model_io.rebuild_task(cfg, weights, f"runs:/{candidate.run_id}")
+        weights = checkpoint_model_weights(read_weights(path), candidate.checkpoint)
+        task = rebuild_task(cfg, weights, f"runs:/{candidate.run_id}")
         target = Path(folder) / model_io.MODEL_ARTIFACT
         model_io.save_model_dir(task, cfg, target, {"source_run_id": candidate.run_id})
         client.log_artifacts(candidate.run_id, str(target), model_io.MODEL_ARTIFACT)
@@ -346,8 +261,6 @@ def promote(source: str, name: str, metric: str | None = None, mode: str | None 
     Returns:
         What was registered and whether (and why) the alias moved.
     """
-    from filelock import FileLock, Timeout
-
     _check_names(name, alias)
     client = client_for(tracking_uri)
     candidate = select_candidate(client, source, metric, mode)
@@ -383,46 +296,3 @@ def describe(promotion: Promotion) -> list[str]:
     else:
         lines.append(f"@{p.alias} not moved: {p.reason}")
     return lines
-
-
-# -- listing -------------------------------------------------------------------------------------------
-def list_versions(tracking_uri: str | None = None, name: str | None = None) -> list[dict[str, Any]]:
-    """One row per registered version: name, version, aliases, metric, value, source run, sweep, dataset."""
-    client = client_for(tracking_uri)
-    if name is not None:
-        find_version(client, name)  # a clear error for an unknown name
-    rows = []
-    for model in sorted(client.search_registered_models(), key=lambda m: m.name):
-        if name not in (None, model.name):
-            continue
-        by_version: dict[str, list[str]] = {}
-        for alias, number in model.aliases.items():
-            by_version.setdefault(str(number), []).append(alias)
-        for version in sorted(client.search_model_versions(f"name='{model.name}'"),
-                              key=lambda v: int(v.version)):
-            tags = version.tags
-            rows.append({"name": model.name, "version": int(version.version),
-                         "aliases": sorted(by_version.get(str(version.version), [])),
-                         "metric": tags.get(f"{TAG}metric"), "value": float(tags.get(f"{TAG}metric_value",
-                                                                                     "nan")),
-                         "run_id": version.run_id, "sweep": tags.get(f"{TAG}sweep"),
-                         "trial": tags.get(f"{TAG}trial_id"), "dataset": tags.get(f"{TAG}dataset"),
-                         "family": tags.get(f"{TAG}family")})
-    return rows
-
-
-def print_versions(rows: list[dict[str, Any]], tracking_uri: str | None = None) -> None:
-    """A Rich table of :func:`list_versions` rows."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"registered models in {tracking.resolve_tracking_uri(tracking_uri)}")
-    for column in ("name", "version", "aliases", "metric", "value", "family", "sweep / trial", "run",
-                   "dataset"):
-        table.add_column(column)
-    for row in rows:
-        origin = f"{row['sweep']} / {row['trial']}" if row["sweep"] else "-"
-        table.add_row(row["name"], str(row["version"]), ", ".join(row["aliases"]), row["metric"] or "",
-                      f"{row['value']:.6g}", row["family"] or "", origin, (row["run_id"] or "")[:8],
-                      row["dataset"] or "")
-    Console(width=200).print(table if rows else "no registered models yet: run deconvlab promote")

@@ -18,12 +18,14 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from conftest import TINY_TRAINER, start_local_ray
+from deconvlab.build import build_task
 from deconvlab.cli import main
 from deconvlab.config import compose_config
 from deconvlab.evaluate import evaluate
-from deconvlab.registry import PREVIOUS_ALIAS, list_versions, promote
+from deconvlab.promote import PREVIOUS_ALIAS, promote
+from deconvlab.runs import list_versions
 from deconvlab.sweep.runner import run_sweep
-from deconvlab.train import build_task, train
+from deconvlab.train import train
 
 # The smoke sweep evaluates on 48 x 48 crops: single runs use the same validation data, so that every
 # source's best/val/psnr is comparable.

@@ -1,12 +1,10 @@
-"""Sweep dashboards: what the driver adds to a sweep's parent run, and ``deconvlab report``.
+"""The sweep report: a sweep read back from MLflow, and the one self-contained HTML page it renders to.
 
-At the end of a sweep, :func:`log_sweep_views` measures every trial's cost (parameters, MACs per pixel,
-latency: :mod:`deconvlab.cost`), logs a parallel-coordinates plot of the sampled hyperparameters against
-the metric and the Pareto front of metric vs cost beside the leaderboard, and copies the best trial's
-sample images and an HTML report into the parent run.
-
-``deconvlab report SWEEP -o report.html`` writes the same report for any sweep in the store: one HTML
-file with every image inlined (base64), no script and no external link, readable offline without MLflow.
+:func:`load_report` reads a sweep's leaderboard (with costs), renders its plots (:mod:`.plots`) and
+picks the best trial's samples and config; :func:`render_html` makes ``report.html`` of it, which the
+sweep driver logs to the parent run (:mod:`.views`) and ``deconvlab report SWEEP -o report.html``
+writes for any sweep in the store: one HTML file with every image inlined (base64), no script and no
+external link, readable offline without MLflow.
 """
 
 from __future__ import annotations
@@ -22,10 +20,12 @@ from pathlib import Path
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from deconvlab import cost, tracking
-from deconvlab.sweep import leaderboard as lb
+from deconvlab.errors import UserError
+from deconvlab.store import CONFIG_FILE, RUN_ID_PATTERN, client_for, get_run, sweep_parent
+from deconvlab.sweep.leaderboard import build_leaderboard, cost_axes, metric_histories, pareto_front, with_costs
+from deconvlab.sweep.plots import plot_titles, render_plots
+from deconvlab.sweep.trial_callbacks import SAMPLES_DIR
 
-SAMPLES_DIR = "samples"
 # How many epochs of the best trial's samples the report shows (first, ..., last).
 MAX_SAMPLE_EPOCHS = 3
 
@@ -54,6 +54,11 @@ class SweepReport:
     best_config: str = ""
 
     @property
+    def name(self) -> str:
+        """The sweep's name (its file's stem)."""
+        return self.parent.data.params.get("sweep.name", self.parent.info.run_name or "sweep")
+
+    @property
     def metric_column(self) -> str:
         return f"best {self.metric}"
 
@@ -65,9 +70,6 @@ class SweepReport:
 # -- reading a sweep back ------------------------------------------------------------------------------
 def find_parent_run(client: MlflowClient, source: str):
     """The parent run of a sweep given by sweep name (its latest run), parent run id, or a trial's run id."""
-    from deconvlab.errors import UserError
-    from deconvlab.registry import RUN_ID_PATTERN, get_run, sweep_parent
-
     if match := RUN_ID_PATTERN.match(source):
         run = get_run(client, match["run"])
         if "mlflow.parentRunId" in run.data.tags:  # a trial: report its whole sweep
@@ -83,18 +85,6 @@ def _sweep_settings(parent) -> tuple[str, str, list[str]]:
     params = parent.data.params
     hyperparameters = sorted(k.removeprefix("search_space.") for k in params if k.startswith("search_space."))
     return params["sweep.metric"], params.get("sweep.mode", "max"), hyperparameters
-
-
-def _with_costs(client: MlflowClient, table: pd.DataFrame) -> pd.DataFrame:
-    """Measure costs (without logging them) for a sweep that ran before the driver logged them."""
-    if len(table) == 0 or "MACs/px" in table.columns:
-        return table
-    costs = cost.trial_costs(client, list(table["mlflow_run"]), log=False)
-    table = table.copy()
-    for key, column in cost.COST_COLUMNS.items():
-        table[column] = [c.as_metrics()[key] if c is not None else float("nan")
-                         for c in (costs[r] for r in table["mlflow_run"])]
-    return lb.order_cost_columns(table)
 
 
 def _artifact_text(client: MlflowClient, run_id: str, path: str) -> str:
@@ -122,75 +112,25 @@ def best_samples(client: MlflowClient, run_id: str,
 
 def _plots(client: MlflowClient, report: SweepReport) -> dict[str, tuple[str, bytes]]:
     """Curves, parallel coordinates and Pareto front as PNG files, rendered from the leaderboard."""
-    titles = {"curves.png": f"{report.metric} per epoch, all trials", **VIEW_TITLES}
+    titles = plot_titles(report.metric)
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder)
-        histories = lb.metric_histories(client, report.table, report.metric)
-        lb.render_curves(histories, report.metric, out / "curves.png")
-        render_views(report.table, report.metric, report.mode, report.hyperparameters, out)
-        return {name: (title, (out / name).read_bytes()) for name, title in titles.items()
-                if (out / name).is_file()}
+        histories = metric_histories(client, report.table, report.metric)
+        names = render_plots(report.table, histories, report.metric, report.mode, report.hyperparameters, out)
+        return {name: (titles[name], (out / name).read_bytes()) for name in names}
 
 
 def load_report(client: MlflowClient, parent) -> SweepReport:
     """Read a sweep's leaderboard, costs, histories and best samples from MLflow and render its plots."""
     metric, mode, hyperparameters = _sweep_settings(parent)
-    table = lb.build_leaderboard(client, parent.info.experiment_id, parent.info.run_id, metric, mode)
-    report = SweepReport(parent, _with_costs(client, table), metric, mode, hyperparameters)
+    table = build_leaderboard(client, parent.info.experiment_id, parent.info.run_id, metric, mode)
+    report = SweepReport(parent, with_costs(client, table), metric, mode, hyperparameters)
     if report.best_run_id is None:
         return report
     report.plots = _plots(client, report)
     report.samples = best_samples(client, report.best_run_id)
-    report.best_config = _artifact_text(client, report.best_run_id, "config.yaml")
+    report.best_config = _artifact_text(client, report.best_run_id, CONFIG_FILE)
     return report
-
-
-# -- the views the driver logs -------------------------------------------------------------------------
-VIEW_TITLES = {"parallel_coordinates.png": "sampled hyperparameters vs metric",
-               "pareto.png": "metric vs cost (Pareto front)"}
-
-
-def render_views(table: pd.DataFrame, metric: str, mode: str, hyperparameters: list[str],
-                 folder: Path) -> None:
-    """Write ``parallel_coordinates.png`` and (when costs are known) ``pareto.png`` into ``folder``."""
-    if len(table) == 0:
-        return
-    column = f"best {metric}"
-    lb.render_parallel_coordinates(table, hyperparameters, column, mode, folder / "parallel_coordinates.png")
-    if lb.cost_axes(table):
-        lb.render_pareto(table, column, mode, folder / "pareto.png")
-
-
-def log_sweep_views(client: MlflowClient, parent_run_id: str) -> pd.DataFrame:
-    """At the end of a sweep: log every trial's cost to its child run, and to the parent run the
-    parallel-coordinates and Pareto plots (``leaderboard/``), the best trial's samples
-    (``best_trial/samples/``) and ``report.html``.
-
-    Returns:
-        The leaderboard read back from MLflow, now with the cost columns (``MACs/px``, ``latency ms``).
-    """
-    from deconvlab.sweep.tracking import child_runs
-
-    parent = client.get_run(parent_run_id)
-    children = child_runs(client, parent.info.experiment_id, parent_run_id)
-    cost.trial_costs(client, [run.info.run_id for run in children])
-    report = load_report(client, parent)
-    with tempfile.TemporaryDirectory() as folder:
-        for name in VIEW_TITLES:
-            if name in report.plots:
-                (Path(folder) / name).write_bytes(report.plots[name][1])
-        for epoch, images in report.samples.items():
-            (Path(folder) / "samples" / epoch).mkdir(parents=True)
-            for file, data in images.items():
-                (Path(folder) / "samples" / epoch / file).write_bytes(data)
-        for name in VIEW_TITLES:
-            if (Path(folder) / name).is_file():
-                client.log_artifact(parent_run_id, str(Path(folder) / name), "leaderboard")
-        if report.samples:
-            client.log_artifacts(parent_run_id, str(Path(folder) / "samples"), "best_trial/samples")
-    if len(report.table):
-        client.log_text(parent_run_id, render_html(report), "report.html")
-    return report.table
 
 
 # -- HTML ----------------------------------------------------------------------------------------------
@@ -228,18 +168,18 @@ def _cell(value) -> str:
 
 
 def _pareto_marks(report: SweepReport) -> list[bool]:
-    axes = lb.cost_axes(report.table)
+    axes = cost_axes(report.table)
     if not axes:
         return [False] * len(report.table)
     costs = pd.to_numeric(report.table[axes[0]], errors="coerce").tolist()
     values = pd.to_numeric(report.table[report.metric_column], errors="coerce").tolist()
-    return lb.pareto_front(costs, values, report.mode)
+    return pareto_front(costs, values, report.mode)
 
 
 def leaderboard_html(report: SweepReport) -> str:
     """The leaderboard as an HTML table; the best trial highlighted, Pareto-optimal trials marked."""
     table = report.table
-    axes = lb.cost_axes(table)
+    axes = cost_axes(table)
     columns = [c for c in table.columns if c != "mlflow_run"] + ["run"]
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
     pareto_head = f"<th>Pareto ({html.escape(axes[0])})</th>" if axes else ""
@@ -266,7 +206,7 @@ def _meta(report: SweepReport) -> str:
 
 def render_html(report: SweepReport) -> str:
     """The report as one self-contained HTML page (inline CSS, base64 images, no scripts or links)."""
-    name = html.escape(report.parent.data.params.get("sweep.name", report.parent.info.run_name or "sweep"))
+    name = html.escape(report.name)
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>deconvlab sweep {name}</title>",
              f"<style>{STYLE}</style></head><body>", f"<h1>Sweep {name}</h1>", _meta(report),
              "<h2>Leaderboard</h2>", leaderboard_html(report),
@@ -297,7 +237,7 @@ def write_report(source: str, output: str | Path, tracking_uri: str | None = Non
         output: the HTML file to write (folders are created).
         tracking_uri: the MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db).
     """
-    client = MlflowClient(tracking.resolve_tracking_uri(tracking_uri))
+    client = client_for(tracking_uri)
     report = load_report(client, find_parent_run(client, source))
     path = Path(output)
     path.parent.mkdir(parents=True, exist_ok=True)

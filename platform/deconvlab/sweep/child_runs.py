@@ -1,10 +1,12 @@
-"""Driver-side MLflow logging of a sweep: one parent run, one child run per trial.
+"""The sweep driver's record of its trials in MLflow: one parent run, one child run per trial.
 
-Everything is written from the driver process, so concurrent trials never contend for a SQLite file,
-and trials on other nodes are tracked as long as their results and checkpoints reach the driver
-(Ray's storage). Trials stopped early by a scheduler (ASHA) end FINISHED with a
+:class:`MLflowSweepCallback` is the driver-side Ray Tune callback that creates and fills every trial's
+child run. Everything is written from the driver process, so concurrent trials never contend for a
+SQLite file, and trials on other nodes are tracked as long as their results and checkpoints reach the
+driver (Ray's storage). Trials stopped early by a scheduler (ASHA) end FINISHED with a
 ``deconvlab.stop_reason`` tag. The callback is pickled into Ray's experiment state; after a restore
-it finds its child runs again by tag, so a resumed sweep never duplicates them.
+it finds its child runs again by tag, so a resumed sweep never duplicates them. The tags it writes and
+:func:`child_runs`, the query that finds the runs again, are what the leaderboard reads.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from deconvlab import tracking
-from deconvlab.sweep.trial import CHECKPOINT_FILE, EPOCH_KEY, NODE_KEY, SAMPLES_DIR, trial_config
+from deconvlab.sweep.spec import trial_config
+from deconvlab.sweep.trial_callbacks import CHECKPOINT_FILE, EPOCH_KEY, NODE_KEY, SAMPLES_DIR
 
 TRIAL_TAG = "deconvlab.trial_id"
 STOP_REASON_TAG = "deconvlab.stop_reason"

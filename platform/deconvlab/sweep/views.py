@@ -1,0 +1,99 @@
+"""Every view a finished sweep leaves behind, logged from one place: the sweep's parent run and the terminal.
+
+At the end of a sweep, :func:`log_sweep_views` measures every trial's cost (parameters, MACs per pixel,
+latency: :mod:`deconvlab.cost`) into its child run, then logs to the parent run:
+
+- ``leaderboard/``: ``leaderboard.csv``, ``leaderboard.html``, ``leaderboard.png`` (the table),
+  ``curves.png``, ``parallel_coordinates.png`` and, when costs are known, ``pareto.png`` (:mod:`.plots`);
+- ``best_trial/samples/``: the best trial's sample images at up to three epochs;
+- ``report.html``: all of it on one self-contained page (:mod:`.report`).
+
+:func:`print_leaderboard` shows the table on the terminal. Each picture is rendered once, by
+:func:`~.report.load_report`, and the same bytes go to both the ``leaderboard/`` folder and report.html.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+from rich.console import Console
+from rich.table import Table
+
+from deconvlab.cost import trial_costs
+from deconvlab.sweep.child_runs import child_runs
+from deconvlab.sweep.plots import render_table
+from deconvlab.sweep.report import SweepReport, load_report, render_html
+from deconvlab.sweep.trial_callbacks import SAMPLES_DIR
+
+LEADERBOARD_DIR = "leaderboard"
+BEST_SAMPLES_DIR = f"best_trial/{SAMPLES_DIR}"
+REPORT_FILE = "report.html"
+
+
+def log_sweep_views(client: MlflowClient, parent_run_id: str) -> pd.DataFrame:
+    """Measure and log every trial's cost, then log every view of the sweep to its parent run.
+
+    Args:
+        client: a client of the sweep's tracking store.
+        parent_run_id: the sweep's parent run (its params name the sweep, metric, mode and search space).
+
+    Returns:
+        The leaderboard read back from MLflow, with the cost columns (``MACs/px``, ``latency ms``) once
+        there is a trial.
+    """
+    parent = client.get_run(parent_run_id)
+    children = child_runs(client, parent.info.experiment_id, parent_run_id)
+    if children:
+        trial_costs(client, [run.info.run_id for run in children])
+    report = load_report(client, parent)
+    with tempfile.TemporaryDirectory() as folder:
+        board, samples = Path(folder) / LEADERBOARD_DIR, Path(folder) / SAMPLES_DIR
+        _write_leaderboard(report, board)
+        _write_samples(report.samples, samples)
+        client.log_artifacts(parent_run_id, str(board), LEADERBOARD_DIR)
+        if report.samples:
+            client.log_artifacts(parent_run_id, str(samples), BEST_SAMPLES_DIR)
+    if len(report.table):
+        client.log_text(parent_run_id, render_html(report), REPORT_FILE)
+    return report.table
+
+
+def _write_leaderboard(report: SweepReport, folder: Path) -> None:
+    """The table as CSV, HTML and PNG, and the plots the report rendered, into ``folder``."""
+    folder.mkdir()
+    table = report.table
+    table.to_csv(folder / "leaderboard.csv", index=False)
+    table.to_html(folder / "leaderboard.html", index=False, float_format=lambda v: f"{v:.4g}")
+    if len(table):  # an empty table has no columns to draw
+        render_table(table, folder / "leaderboard.png", f"{report.name}: {report.metric} ({report.mode})")
+    for name, (_, data) in report.plots.items():
+        (folder / name).write_bytes(data)
+
+
+def _write_samples(samples: dict[str, dict[str, bytes]], folder: Path) -> None:
+    """Sample images as ``folder/<epoch>/<file>.png``."""
+    for epoch, images in samples.items():
+        (folder / epoch).mkdir(parents=True)
+        for file, data in images.items():
+            (folder / epoch / file).write_bytes(data)
+
+
+def print_leaderboard(table: pd.DataFrame, sweep: str, metric: str, mode: str, tracking_uri: str) -> None:
+    """The leaderboard on the terminal, and how to compare the runs in the MLflow UI.
+
+    Args:
+        table: the leaderboard :func:`log_sweep_views` returned.
+        sweep: the sweep's name; metric, mode: what it ranked trials by.
+        tracking_uri: the store the runs are in.
+    """
+    shown = Table(title=f"leaderboard of sweep {sweep}: {metric} ({mode})")
+    for column in table.columns:
+        shown.add_column(str(column))
+    for _, row in table.iterrows():
+        shown.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
+    console = Console(width=200)
+    console.print(shown)
+    console.print(f"compare runs in the MLflow UI: deconvlab ui   (store: {tracking_uri})")
