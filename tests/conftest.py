@@ -34,14 +34,20 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
+def use_store_under(mp: pytest.MonkeyPatch, root: Path) -> str:
+    """Point MLflow (a fresh SQLite store), artifacts and run outputs at ``root``; the tracking URI."""
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.setenv("DECONVLAB_ARTIFACT_ROOT", str(root / "mlartifacts"))
+    mp.setenv("DECONVLAB_OUTPUT_ROOT", str(root / "outputs"))
+    mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    return uri
+
+
 @pytest.fixture
 def tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh SQLite MLflow store (and artifact root and output dir) under tmp_path."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("DECONVLAB_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
-    monkeypatch.setenv("DECONVLAB_OUTPUT_ROOT", str(tmp_path / "outputs"))
-    return uri
+    return use_store_under(monkeypatch, tmp_path)
 
 
 @pytest.fixture
@@ -56,10 +62,13 @@ def compose(tracking_uri: str) -> Callable[..., DictConfig]:  # noqa: F821
 
 
 def start_local_ray() -> None:
-    """A 2-CPU local Ray for tests; reuses one a previous test (or run_sweep) left running."""
+    """A 2-CPU local Ray for tests; reuses one a previous test (or run_sweep) left running in this process.
+
+    ``address="local"``: a cluster someone else started on this machine (``ray start``) is never joined.
+    """
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
              ignore_reinit_error=True)
 
 

@@ -17,13 +17,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "platform" / "deconvlab"
 # Lowest first. A module belongs to the floor of the longest prefix that names it.
 FLOORS: list[tuple[str, ...]] = [
     ("errors",),
-    ("config", "perf", "boxes", "models", "data"),
+    ("config", "perf", "boxes", "macs", "models", "data"),
     ("volume",),
     ("tasks",),
-    ("tracking", "store"),
+    ("tracking", "store", "access", "locks"),
     ("callbacks", "build"),
     ("cost", "model_io"),
-    ("train", "evaluate", "predict", "promote", "runs"),
+    ("train", "evaluate", "compare", "predict", "promote", "runs"),
     ("sweep",),
     ("cli", "__main__"),
 ]

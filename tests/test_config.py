@@ -8,13 +8,21 @@ from deconvlab.errors import UserError
 
 
 @pytest.mark.parametrize("experiment", group_options("experiment"))
-def test_every_experiment_composes_and_instantiates_its_model(experiment):
-    from hydra.utils import instantiate
+def test_every_experiment_builds_a_task_of_its_models_family_that_logs_its_monitor(experiment):
+    """Catches an experiment that pairs a model with another family's task (a segmenter under the
+    restoration task), monitors a key its task never logs (checkpoints and sweeps would rank on nothing),
+    or whose network has nothing to train (train() would only validate it)."""
+    from deconvlab.build import build_task
+    from deconvlab.models import list_models
 
     cfg = compose_config([f"experiment={experiment}"])
     assert cfg.name and cfg.task._target_.startswith("deconvlab.tasks.")
-    model = instantiate(cfg.model)
-    assert sum(p.numel() for p in model.parameters()) >= 0
+    task = build_task(cfg)
+    (spec,) = [s for s in list_models() if s.model_class is type(task.model) and s.target == cfg.model._target_]
+    assert task.family == spec.family
+    assert task.monitor in task.metric_names()
+    if spec.name != "wiener":  # the classical baseline may have nothing to learn
+        assert sum(p.numel() for p in task.model.parameters() if p.requires_grad) > 0
 
 
 def test_unknown_experiment_lists_the_valid_ones():

@@ -5,6 +5,7 @@ One tiny tracked run per family (a few seconds each), promoted once, shared by t
 """
 
 import argparse
+import csv
 import json
 import re
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import TINY_TRAINER
+from conftest import TINY_TRAINER, use_store_under
 from deconvlab.build import build_task
 from deconvlab.cli import main
 from deconvlab.config import compose_config
@@ -38,6 +39,10 @@ FAMILIES = {
     "reconstruction": ["experiment=autoencoder_fc", "data.max_samples=512", "data.batch_size=256",
                        "optim.lr=3e-3"],
 }
+# Volumes are scored case by case only by nets with dense inference (patch nets): per-item rows need one.
+PATCH_NET = {"volumetric-patchnet": ["experiment=deepmedic_p9_ctx3_phantom", "data.phantom_size=20",
+                                     "data.phantom_cases=2", "data.samples_per_epoch=32", "data.eval_samples=32",
+                                     "data.batch_size=16"]}
 
 
 @dataclass
@@ -60,12 +65,8 @@ class Trained:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("DECONVLAB_ARTIFACT_ROOT", str(root / "mlartifacts"))
-        mp.setenv("DECONVLAB_OUTPUT_ROOT", str(root / "outputs"))
-        mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        uri = use_store_under(mp, root)
         yield MlflowClient(uri)
 
 
@@ -76,7 +77,7 @@ def trained(store):
 
     def get(family: str) -> Trained:
         if family not in cache:
-            cfg = compose_config([*TINY_TRAINER, *FAMILIES[family]])
+            cfg = compose_config([*TINY_TRAINER, *{**FAMILIES, **PATCH_NET}[family]])
             result = train(cfg)
             promote(result.run_id, f"{family}-tiny")
             cache[family] = Trained(cfg, result, f"models:/{family}-tiny@champion")
@@ -166,6 +167,77 @@ def test_bad_evaluate_input_is_one_line_and_logs_nothing(trained, store, capsys)
         assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, (uri, err)
     experiment = store.get_experiment_by_name(EVALUATION_EXPERIMENT)
     assert (len(store.search_runs([experiment.experiment_id])) if experiment else 0) == before
+
+
+def _read_csv(path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize("family", ["restoration", "segmentation", "reconstruction", "volumetric-patchnet"])
+def test_per_item_rows_give_back_the_reported_aggregates(family, trained, store, tmp_path, capsys):
+    """evaluate --per-item: one row per item, and every logged figure the documented aggregate of its column."""
+    model = trained(family)
+    path = tmp_path / "out" / "items.csv"
+    code, out, err = _run_cli(capsys, "evaluate", model.uri, "--per-item", str(path), "--json")
+    assert code == 0, err
+    printed = json.loads(out)
+    assert printed["per_item_file"] == str(path)
+    rows = _read_csv(path)
+    assert rows and list(rows[0])[0] == "item" and len({r["item"] for r in rows}) == len(rows)
+    aggregates, metrics = printed["per_item_aggregates"], printed["metrics"]
+    assert aggregates and set(aggregates) <= set(rows[0]) - {"item"}, (aggregates, list(rows[0]))
+    for key, kind in aggregates.items():
+        column = np.array([float(r[key]) if r[key] not in ("", "nan") else np.nan for r in rows])
+        if kind == "mean":
+            assert metrics[key] == pytest.approx(np.nanmean(column), rel=1e-5, abs=1e-6), key
+        elif kind == "sum":
+            assert metrics[key] == pytest.approx(np.nansum(column), abs=1e-6), key
+        else:
+            assert kind == "pooled" and key in metrics, (key, kind)
+    if family == "restoration":  # the two validation images, each score a per-image mean
+        assert len(rows) == 2
+        assert aggregates == {"val/psnr": "mean", "val/ssim": "mean", "val/psnr_input": "mean"}
+    if family == "volumetric-patchnet":  # one row per case, named by the case
+        assert [r["item"] for r in rows] == ["phantom5000", "phantom5001"]
+    logged = store.download_artifacts(printed["evaluation_run_id"], "per_item.csv", str(tmp_path))
+    assert Path(logged).read_text() == path.read_text()
+
+
+def test_a_local_checkpoint_is_a_model_uri(trained, store, tmp_path, capsys):
+    """A .ckpt written by train: its config through the tracked run, a config.yaml beside it, or --config;
+    without any, one line that says what is missing."""
+    import shutil
+
+    model = trained("restoration")
+    run_id, checkpoint = model.result.run_id, model.result.best_checkpoint
+    expected = evaluate(f"runs:/{run_id}", log=False).metrics["val/psnr"]
+    from_file = evaluate(checkpoint)  # the run that wrote it is found by its logged paths.output_dir
+    assert from_file.metrics["val/psnr"] == pytest.approx(expected, abs=1e-6)
+    tags = store.get_run(from_file.run_id).data.tags
+    assert tags["deconvlab.model_uri"] == checkpoint and tags["deconvlab.source_run_id"] == run_id
+
+    moved = tmp_path / "moved" / "model.ckpt"
+    moved.parent.mkdir()
+    shutil.copy(checkpoint, moved)
+    code, _, err = _run_cli(capsys, "evaluate", str(moved))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "no config.yaml for checkpoint" in err, err
+    assert "--config FILE" in err
+    config = store.download_artifacts(run_id, "config.yaml", str(tmp_path))
+    code, out, _ = _run_cli(capsys, "evaluate", str(moved), "--config", config, "--json", "--no-log")
+    assert code == 0 and json.loads(out)["metrics"]["val/psnr"] == pytest.approx(expected, abs=1e-6)
+    code, _, err = _run_cli(capsys, "evaluate", model.uri, "--config", config)
+    assert code == 2 and "--config is for a local checkpoint file only" in err
+    code, _, err = _run_cli(capsys, "evaluate", str(tmp_path / "missing.ckpt"))
+    assert code == 2 and "no checkpoint file" in err
+
+    shutil.copy(config, moved.parent / "config.yaml")  # a config beside the checkpoint is found
+    import skimage.data
+
+    image = _png(tmp_path / "camera.png", skimage.data.camera()[:40, :48])
+    (written,) = predict(str(moved), [image], tmp_path / "out_ckpt")
+    (reference,) = predict(model.uri, [image], tmp_path / "out_uri")
+    assert np.array_equal(np.asarray(Image.open(written)), np.asarray(Image.open(reference)))
 
 
 def test_unpickling_needs_trust(trained, store, tmp_path):

@@ -152,7 +152,8 @@ def test_a_task_with_its_own_regions_scores_the_whole_volumes_by_them(tmp_path, 
     monkeypatch.chdir(tmp_path)
     image, brats_label = make_phantom(16, seed=1)
     label = np.select([np.isin(brats_label, (1, 3, 4)), brats_label == 2], [1, 2], 0).astype(np.uint8)
-    case = SimpleNamespace(name="three", image=image, label=label, brain=np.any(image != 0, axis=0))
+    case = SimpleNamespace(name="three", image=image, label=label, brain=np.any(image != 0, axis=0),
+                           spacing=(1.0, 1.0, 2.5))
     regions = {"centre": [1], "lesion": [1, 2]}
     torch.manual_seed(0)
     net = DualPathwayCNN3d(2, 3, widths=[4, 4, 4], context_factor=3, fc_width=8)
@@ -162,13 +163,16 @@ def test_a_task_with_its_own_regions_scores_the_whole_volumes_by_them(tmp_path, 
                          enable_model_summary=False)
     (results,) = trainer.validate(task, datamodule=data, verbose=False)
     columns = ["case", "stage", "dice_centre", "sensitivity_centre", "dice_lesion", "sensitivity_lesion",
-               "hd95_centre", "hd95_lesion", "seconds"]
+               "hd95_centre", "hd95_lesion", "hd95_missed_centre", "hd95_missed_lesion", "seconds"]
     assert [list(row) for row in task.volume_rows] == [columns, columns]  # raw, cleaned
     raw = dense_probabilities(net, image, tile=8, mask=case.brain).argmax(0).astype(np.uint8)
     cleaned = clean_up(raw, regions, case.brain, **DEFAULT_CLEAN_UP)
     for row, stage in zip(task.volume_rows, (raw, cleaned), strict=True):
         expected = region_metrics(stage, label, regions)
         assert {k: row[k] for k in expected} == pytest.approx(expected)
+        # HD95 in mm with the case's own (anisotropic) spacing: a bug that drops it scores 1 mm voxels.
+        lesion = (np.isin(stage, regions["lesion"]), np.isin(label, regions["lesion"]))
+        assert row["hd95_lesion"] == pytest.approx(hausdorff95(*lesion, case.spacing))
     assert "val/volume_dice_lesion_cleaned" in results and "val/volume_sensitivity_centre" in results
     assert not [k for k in results if any(brats in k for brats in ("whole", "core", "enhancing"))]
 
@@ -184,13 +188,31 @@ def test_region_metrics_match_a_hand_computation():
     assert metrics["dice_core"] == pytest.approx(6 / 7) and metrics["dice_enhancing"] == pytest.approx(0.5)
 
 
-def test_hausdorff95_of_two_points_is_their_distance():
-    a, b = np.zeros((10, 10, 10), bool), np.zeros((10, 10, 10), bool)
-    a[1, 1, 1], b[4, 5, 1] = True, True
-    assert hausdorff95(a, b) == pytest.approx(5.0)
-    assert hausdorff95(a, np.zeros_like(a)) == float("inf")
-    ball = ndimage.binary_dilation(a, iterations=2)
-    assert hausdorff95(ball, ball.copy()) == 0
+def test_hausdorff95_pools_both_directions_in_mm_and_penalises_a_missed_region():
+    """A hand count that tells the conventions apart (docs/metrics.md: MedPy's pooled hd95, in mm).
+
+    Truth: a 10-voxel line along axis 2 at y=0; prediction: the same line moved to y=3, plus one stray
+    voxel at y=9. Thin lines are all surface. With spacing (1, 2, 0.5) mm every line voxel is 6 mm from
+    the other line and the stray voxel 18 mm from the truth. Pooled, the 21 distances are 20 x 6 and 18:
+    95th percentile (position 19 of 0..20) = 6 mm. The other conventions give other answers: ignoring
+    spacing 3; the larger directed 95th percentile (prediction -> truth: 10 x 6 and 18, position 9.5)
+    12 mm; the plain Hausdorff distance 18 mm.
+    """
+    truth, predicted = np.zeros((1, 10, 10), bool), np.zeros((1, 10, 10), bool)
+    truth[0, 0, :] = True
+    predicted[0, 3, :] = True
+    predicted[0, 9, 0] = True
+    spacing = (1.0, 2.0, 0.5)
+    assert hausdorff95(predicted, truth, spacing) == pytest.approx(6.0)
+    assert hausdorff95(predicted, truth, (1, 1, 1)) == pytest.approx(3.0)
+    assert hausdorff95(truth, predicted, spacing) == pytest.approx(6.0)  # symmetric
+    # One side empty (a missed region, or a spurious one): the volume's diagonal in mm, never inf or 0.
+    diagonal = np.sqrt(1 ** 2 + 20 ** 2 + 5 ** 2)
+    assert hausdorff95(np.zeros_like(truth), truth, spacing) == pytest.approx(diagonal)
+    assert hausdorff95(truth, np.zeros_like(truth), spacing) == pytest.approx(diagonal)
+    assert hausdorff95(np.zeros_like(truth), np.zeros_like(truth), spacing) == 0.0
+    ball = ndimage.binary_dilation(np.pad(truth, 3), iterations=2)
+    assert hausdorff95(ball, ball.copy(), spacing) == 0
 
 
 def test_saved_segmentation_keeps_the_input_affine(tmp_path):
@@ -222,7 +244,7 @@ def test_per_case_rows_score_both_stages_and_overlays_outline_truth_and_predicti
     probabilities = np.eye(5, dtype=np.float32)[predicted].transpose(3, 0, 1, 2)
     image = np.zeros((1, *truth.shape), np.float32)
     rows, labels = case_rows("c0", probabilities, truth, None, BRATS_REGIONS, {"smooth_radius": 0}, {"weight": 1.0},
-                             image)
+                             image, spacing=(1.0, 1.0, 1.0))
     assert [r["stage"] for r in rows] == ["raw", "cleaned", "crf"]
     assert rows[2]["dice_whole"] > 0.99 and not labels["crf"][1:3, 1:3, 1:3].any()
     assert rows[0]["dice_whole"] == pytest.approx(region_metrics(predicted, truth, BRATS_REGIONS)["dice_whole"])

@@ -4,13 +4,16 @@ They parse; the cluster launcher YAML validates against the JSON schema inside t
 package; the KubeRay manifests carry the fields KubeRay requires and agree with each other (one image,
 one environment, one shared volume); the compose file's MLflow server points at its Postgres and MinIO;
 the images install the package the way the README does; and every ``deconvlab``, ``ray``, ``mlflow`` and
-``make`` command written in infra/ parses with the real command-line parsers.
+``make`` command written in infra/ parses with the real command-line parsers. Security defaults: the MLflow
+server (compose and Kubernetes) runs the basic-auth app with its admin password and keys from secrets and no
+default; Ray token authentication is on for every process, with the dashboard on a private address.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import ipaddress
 import json
 import re
 import shlex
@@ -31,10 +34,14 @@ REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
 ENV_FILE = INFRA / "deconvlab.env"
 CONFIGMAP = "deconvlab-env"
-ENV_FROM = [{"configMapRef": {"name": CONFIGMAP}}]
+RAY_TOKEN_SECRET, MLFLOW_LOGIN_SECRET = "ray-auth-token", "deconvlab-mlflow-login"
+# Every Ray process: the shared environment and the cluster's Ray token; the head (the sweep driver, the
+# only MLflow client) also the MLflow login.
+ENV_FROM = [{"configMapRef": {"name": CONFIGMAP}}, {"secretRef": {"name": RAY_TOKEN_SECRET}}]
+HEAD_ENV_FROM = [*ENV_FROM, {"secretRef": {"name": MLFLOW_LOGIN_SECRET}}]
 EXPECTED_YAML = {
     "ray-cluster-launcher.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml",
-    "kuberay/shared-storage.yaml", "mlflow/docker-compose.yaml",
+    "kuberay/shared-storage.yaml", "kuberay/mlflow-server.yaml", "mlflow/docker-compose.yaml",
 }
 # KubeRay's limits (ray-operator/controllers/ray/utils): it appends suffixes to these names.
 MAX_NAME = {"RayCluster": 53, "RayJob": 47}
@@ -347,7 +354,7 @@ def test_launcher_installs_like_the_readme_with_one_environment():
     assert setup[0] == "make -C ~/deconvlab install"  # the README's install: torch pin first (Makefile)
     recipe = re.search(r"^\$\(BIN\)/deconvlab:.*?(?=^\S)", (REPO / "Makefile").read_text(), re.S | re.M)
     assert recipe.group(0).index(makefile_torch_pin()) < recipe.group(0).index('-e ".[dev]"')
-    assert launcher["file_mounts"] == {"~/deconvlab": "."} and ".venv" in launcher["rsync_exclude"]
+    assert launcher["file_mounts"]["~/deconvlab"] == "." and ".venv" in launcher["rsync_exclude"]
     sourced = re.search(r"\. ~/deconvlab/(\S+);", setup[-1]).group(1)
     assert (REPO / sourced) == ENV_FILE and "~/.bashrc" in setup[-1]
     (ray_pin,) = re.findall(r"ray\[[\w,]+\]==([\w.]+)", " ".join(setup))
@@ -409,7 +416,7 @@ def test_every_container_has_one_image_and_one_environment():
     assert len(images) == 3 * 2 + 1  # head, cpu and gpu workers in both files, and the submitter
     assert set(images.values()) == {f"deconvlab:{pyproject()['project']['version']}"}
     for where, container in all_containers():
-        assert container["envFrom"] == ENV_FROM, where
+        assert container["envFrom"] == (HEAD_ENV_FROM if "/head/" in where else ENV_FROM), where
         assert not container.get("env"), f"{where}: put settings in infra/deconvlab.env, for every process"
     for document in kuberay_documents().values():
         assert cluster_spec(document)["autoscalerOptions"]["envFrom"] == ENV_FROM
@@ -525,8 +532,9 @@ def test_mlflow_image_has_the_team_extra_and_a_matching_mlflow():
     names = {re.split(r"[<>=\[]", a)[0].lower() for a in installs}
     team = pyproject()["project"]["optional-dependencies"]["team"]
     assert {re.split(r"[<>=\[]", r)[0].lower() for r in team} <= names
-    (pinned,) = [a.split("==")[1] for a in installs if a.startswith("mlflow==")]
+    (pinned,) = [a.split("==")[1] for a in installs if re.match(r"mlflow(\[[\w,]+\])?==", a)]
     assert pinned.split(".")[0] == version("mlflow").split(".")[0]
+    assert any(a.startswith("mlflow[auth]==") for a in installs)  # the basic-auth app needs Flask-WTF
     compose = load("mlflow/docker-compose.yaml")
     assert compose["services"]["mlflow"]["image"].endswith(f":{pinned}")
 
@@ -546,10 +554,19 @@ def interpolate(text: str, env: dict[str, str]) -> str:
     return re.sub(r"\$\$|\$\{([A-Za-z_]\w*)(?:(:?[-?])([^}]*))?\}", substitute, text)
 
 
-def compose_services() -> dict[str, Any]:
-    example = dict(line.split("=", 1) for line in (INFRA / "mlflow" / ".env.example").read_text().splitlines()
-                   if line and not line.startswith("#"))
-    text = interpolate((INFRA / "mlflow" / "docker-compose.yaml").read_text(), example)
+# Secrets .env.example leaves empty on purpose: they have no default, and compose refuses to start without them.
+REQUIRED_SECRETS = ("MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY")
+
+
+def env_example() -> dict[str, str]:
+    return dict(line.split("=", 1) for line in (INFRA / "mlflow" / ".env.example").read_text().splitlines()
+                if line and not line.startswith("#"))
+
+
+def compose_services(env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The compose services with ``env`` (default: .env.example with the required secrets filled in)."""
+    env = env if env is not None else {**env_example(), **{name: "s3cret-" * 3 for name in REQUIRED_SECRETS}}
+    text = interpolate((INFRA / "mlflow" / "docker-compose.yaml").read_text(), env)
     return yaml.safe_load(text)["services"]
 
 
@@ -598,3 +615,118 @@ def test_compose_interpolation_follows_compose_rules():
     assert interpolate("$${SET} ${SET} ${UNSET:-d} ${EMPTY:-d} ${EMPTY-d}", env) == "${SET} x d d "
     with pytest.raises(AssertionError):
         interpolate("${UNSET:?needed}", env)
+
+
+# ------------------------------------------------------------------------------- MLflow authentication
+def auth_ini():
+    import configparser
+
+    ini = configparser.ConfigParser()
+    ini.read(INFRA / "mlflow" / "basic_auth.ini")
+    return ini["mlflow"]
+
+
+def auth_store_folder() -> str:
+    """The folder of the auth app's SQLite user store (basic_auth.ini: database_uri = sqlite:////...)."""
+    uri = auth_ini()["database_uri"]
+    assert uri.startswith("sqlite:////"), uri
+    return str(Path(uri.removeprefix("sqlite:///")).parent)
+
+
+def test_the_auth_config_has_no_password_and_mlflow_reads_it(monkeypatch):
+    from mlflow.server.auth.config import read_auth_config
+    from mlflow.server.auth.permissions import ALL_PERMISSIONS
+
+    assert "admin_password" not in auth_ini()  # only ever from MLFLOW_AUTH_ADMIN_PASSWORD, a secret
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(INFRA / "mlflow" / "basic_auth.ini"))
+    monkeypatch.delenv("MLFLOW_AUTH_ADMIN_PASSWORD", raising=False)
+    config = read_auth_config()
+    assert config.admin_password is None and config.admin_username == "admin"
+    assert config.default_permission in ALL_PERMISSIONS
+    instructions = dockerfile_instructions(INFRA / "mlflow" / "Dockerfile")
+    assert ("COPY", "basic_auth.ini /etc/mlflow/basic_auth.ini") in instructions
+    assert ("ENV", "MLFLOW_AUTH_CONFIG_PATH=/etc/mlflow/basic_auth.ini") in instructions
+    assert any(i == "RUN" and f"chown mlflow:mlflow {auth_store_folder()}" in a for i, a in instructions)
+
+
+def test_compose_server_runs_the_auth_app_with_secrets_and_no_default():
+    from mlflow.cli import cli
+
+    example = env_example()
+    assert all(example[name] == "" for name in REQUIRED_SECRETS)  # no default in the template
+    with pytest.raises(AssertionError, match="compose needs MLFLOW_ADMIN_PASSWORD"):
+        compose_services(example)  # docker compose refuses to start the same way (${VAR:?...})
+    server = compose_services()["mlflow"]
+    assert parse_click(cli, "mlflow", server["command"][1:]).params["app_name"] == "basic-auth"
+    assert server["environment"]["MLFLOW_AUTH_ADMIN_PASSWORD"] == "s3cret-" * 3
+    assert server["environment"]["MLFLOW_FLASK_SERVER_SECRET_KEY"] == "s3cret-" * 3
+    assert f"mlflow-auth:{auth_store_folder()}" in server["volumes"]
+
+
+def mlflow_manifest() -> dict[str, dict[str, Any]]:
+    return {d["kind"]: d for d in yaml.safe_load_all((INFRA / "kuberay" / "mlflow-server.yaml").read_text())}
+
+
+def test_kubernetes_mlflow_server_runs_the_auth_app_with_every_secret_from_a_secret(monkeypatch):
+    from mlflow.cli import cli
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    documents = mlflow_manifest()
+    pod = documents["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {entry["name"]: entry for entry in container["env"]}
+    assert {"MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_BACKEND_STORE_URI"} <= set(env)
+    for name, entry in env.items():
+        if re.search(r"PASSWORD|SECRET|KEY_ID|STORE_URI", name):
+            assert "value" not in entry, f"{name} is written in the manifest"
+            assert entry["valueFrom"]["secretKeyRef"]["name"] == "mlflow-server", name
+    # The server reads --backend-store-uri from MLFLOW_BACKEND_STORE_URI (the Secret), not from its command.
+    monkeypatch.setenv("MLFLOW_BACKEND_STORE_URI", "postgresql+psycopg2://mlflow:pw@db.internal:5432/mlflow")
+    params = parse_click(cli, "mlflow", container["command"][1:]).params
+    assert params["app_name"] == "basic-auth" and params["backend_store_uri"].startswith("postgresql")
+    assert params["artifacts_destination"].startswith("s3://") and params["serve_artifacts"]
+    assert container["image"] == load("mlflow/docker-compose.yaml")["services"]["mlflow"]["image"]
+    allowed = params["allowed_hosts"].split(",")
+    assert is_allowed_host_header(allowed, "mlflow:5000") and not is_allowed_host_header(allowed, "evil.com:5000")
+    # The user store on its volume; /health (no login needed) for the probes; inside the cluster only.
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volume = mounts[auth_store_folder()]
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]}
+    assert claims[volume] == documents["PersistentVolumeClaim"]["metadata"]["name"]
+    assert pod["securityContext"]["fsGroup"] == 1000
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert documents["Service"]["spec"]["type"] == "ClusterIP"
+
+
+# ------------------------------------------------------------------------------------ Ray authentication
+def test_ray_token_authentication_is_on_for_every_process():
+    assert env_file()["RAY_AUTH_MODE"] == "token"  # every process reads deconvlab.env
+    token = {"secretRef": {"name": RAY_TOKEN_SECRET}}
+    login = {"secretRef": {"name": MLFLOW_LOGIN_SECRET}}
+    for where, container in all_containers():  # head, workers and the RayJob submitter
+        assert token in container["envFrom"], where
+        # Only the head pod runs the sweep driver, the one MLflow client: workers never get the login.
+        assert (login in container["envFrom"]) == ("/head/" in where), where
+    for name, document in kuberay_documents().items():
+        spec = cluster_spec(document)
+        assert token in spec["autoscalerOptions"]["envFrom"], name
+        assert spec["headGroupSpec"]["serviceType"] == "ClusterIP", name  # no NodePort or LoadBalancer
+    # The cluster launcher copies the token file to every node; ~/.bashrc there sources deconvlab.env.
+    launcher = load("ray-cluster-launcher.yaml")
+    assert launcher["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert any(argv[:2] == ["get-auth-token", "--generate"]
+               for where, program, argv in COMMANDS if where == "infra/ray-cluster-launcher.yaml")
+
+
+def test_the_ray_dashboard_listens_on_a_private_address():
+    from ray.scripts.scripts import cli
+
+    launcher = load("ray-cluster-launcher.yaml")
+    (argv,) = [argv for command in launcher["head_start_ray_commands"]
+               for program, argv in shell_commands(command) if program == "ray" and argv[:1] == ["start"]]
+    host = parse_click(cli, "ray", argv).params["dashboard_host"]
+    assert host == launcher["provider"]["head_ip"] and ipaddress.ip_address(host).is_private
+    # KubeRay: the pod's own addresses (its private pod IP and loopback, which KubeRay's probes and
+    # kubectl port-forward use), behind a ClusterIP Service (above), never a node's or a public address.
+    for document in kuberay_documents().values():
+        assert cluster_spec(document)["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"

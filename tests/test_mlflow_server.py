@@ -1,8 +1,16 @@
 """Team tracking: a sweep with concurrent trials logging to a real `mlflow server` on 127.0.0.1,
-backed by a real PostgreSQL (and by SQLite), with artifacts proxied by the server."""
+backed by a real PostgreSQL (and by SQLite), with artifacts proxied by the server.
 
+The helpers that start those servers (``postgres_cluster``, ``mlflow_server``, optionally with MLflow's
+basic-auth app) are shared with tests/test_auth.py.
+"""
+
+import contextlib
 import os
+import re
+import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -10,6 +18,7 @@ import tempfile
 import textwrap
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,9 +38,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_http(url: str, timeout: float = 60) -> None:
+def _wait_http(url: str, timeout: float = 60, process: subprocess.Popen | None = None) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the server behind {url} exited with code {process.returncode}")
         try:
             urllib.request.urlopen(url, timeout=2).close()
             return
@@ -40,9 +51,12 @@ def _wait_http(url: str, timeout: float = 60) -> None:
     raise AssertionError(f"{url} did not answer in {timeout} s")
 
 
-@pytest.fixture
-def postgres():
-    """A throwaway PostgreSQL 15 cluster on a loopback port (it refuses to run as root: user postgres)."""
+@contextlib.contextmanager
+def postgres_cluster() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on a loopback port with a database ``mlflow``; yields its SQLAlchemy URI.
+
+    It refuses to run as root: it runs as user postgres. Skips the test when the binaries are missing.
+    """
     if not (PG_BIN / "initdb").exists() or shutil.which("runuser") is None:
         pytest.skip("PostgreSQL server binaries are not installed (apt-get install postgresql)")
     # Not under pytest's tmp_path: that is private to root, and the server runs as postgres.
@@ -65,15 +79,54 @@ def postgres():
         shutil.rmtree(data, ignore_errors=True)
 
 
-def _mlflow_server(backend_uri: str, artifacts: Path):
+@pytest.fixture
+def postgres():
+    with postgres_cluster() as uri:
+        yield uri
+
+
+def auth_app_environment(folder: Path, admin_password: str) -> dict[str, str]:
+    """The environment of a server running the basic-auth app with infra/mlflow/basic_auth.ini, its user
+    store moved under ``folder``; the admin password and CSRF key are given as the deployments give them."""
+    shipped = (Path(__file__).resolve().parents[1] / "infra" / "mlflow" / "basic_auth.ini").read_text()
+    config = folder / "basic_auth.ini"
+    config.write_text(re.sub(r"(?m)^database_uri = .*$", f"database_uri = sqlite:///{folder / 'basic_auth.db'}",
+                             shipped))
+    return {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_uri: str, artifacts: Path, auth: dict[str, str] | None = None) -> Iterator[str]:
+    """A real ``mlflow server`` on 127.0.0.1 (with ``--app-name basic-auth`` when ``auth`` gives its
+    environment, see :func:`auth_app_environment`); yields its URL and stops it afterwards."""
+    if auth is not None:
+        pytest.importorskip("flask_wtf", reason="MLflow's basic-auth app needs mlflow[auth] (Flask-WTF)")
     port = free_port()
+    app = ["--app-name", "basic-auth"] if auth is not None else []
+    # The server's own environment: no client credentials of the test process.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
     process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri, "--artifacts-destination",
-         artifacts.as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+        [sys.executable, "-m", "mlflow", "server", *app, "--backend-store-uri", backend_uri,
+         "--artifacts-destination", artifacts.as_uri(), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**env, "MLFLOW_DISABLE_TELEMETRY": "true", **(auth or {})}, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    _wait_http(f"{url}/health")
-    return process, url
+    try:
+        _wait_http(f"{url}/health", process=process)
+        yield url
+    finally:
+        # The server and the uvicorn workers it started: its own process group. Uvicorn waits for clients'
+        # kept-alive connections to close before it exits: a few seconds' grace, then SIGKILL.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
 
 
 SWEEP = """
@@ -95,8 +148,7 @@ def test_concurrent_trials_log_to_a_tracking_server(backend, tmp_path, monkeypat
 
     backend_uri = request.getfixturevalue("postgres") if backend == "postgres" else \
         f"sqlite:///{tmp_path / 'server.db'}"
-    server, url = _mlflow_server(backend_uri, tmp_path / "artifacts")
-    try:
+    with mlflow_server(backend_uri, tmp_path / "artifacts") as url:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         sweep = tmp_path / "team.yaml"
         sweep.write_text(textwrap.dedent(SWEEP))
@@ -110,9 +162,6 @@ def test_concurrent_trials_log_to_a_tracking_server(backend, tmp_path, monkeypat
         # Artifacts went through the server to its artifact destination.
         assert {a.path for a in client.list_artifacts(outcome.best_run_id)} >= {"config.yaml", "checkpoints"}
         assert list((tmp_path / "artifacts").rglob("config.yaml"))
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_unreachable_tracking_server_is_one_line_before_any_trial(monkeypatch, tmp_path):

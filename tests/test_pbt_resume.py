@@ -86,4 +86,9 @@ def test_pbt_sweep_logs_each_trials_learning_rate_schedule_and_promotes(tmp_path
         # One learning rate per reported epoch (a trial that exploits a finished donor reports fewer than 3).
         assert sorted(p.step for p in schedule) == sorted(p.step for p in reported) and schedule
         assert all(1e-4 * 0.8**3 <= point.value <= 1e-2 * 1.2**3 for point in schedule)
+        # The child's config.yaml is the one the trial wrote into its checkpoint, and the training compute
+        # it reported comes with every epoch.
+        assert run.data.tags["deconvlab.config_source"] == "trial"
+        compute = client.get_metric_history(run.info.run_id, "compute/train_macs")
+        assert sorted(p.step for p in compute) == sorted(p.step for p in reported)
     assert promote(outcome.parent_run_id, "quickstart-pbt-smoke").moved

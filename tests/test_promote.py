@@ -17,7 +17,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from conftest import TINY_TRAINER, start_local_ray
+from conftest import TINY_TRAINER, start_local_ray, use_store_under
 from deconvlab.build import build_task
 from deconvlab.cli import main
 from deconvlab.config import compose_config
@@ -49,14 +49,10 @@ def sources(tmp_path_factory):
     import ray
 
     root = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
     start_local_ray()
     try:
         with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("MLFLOW_TRACKING_URI", uri)
-            mp.setenv("DECONVLAB_ARTIFACT_ROOT", str(root / "mlartifacts"))
-            mp.setenv("DECONVLAB_OUTPUT_ROOT", str(root / "outputs"))
-            mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+            uri = use_store_under(mp, root)
             sweep = run_sweep("quickstart", smoke_test=True, storage_path=str(root / "ray"), quiet=True)
             low = train(compose_config([*TINY_TRAINER, *SAME_VAL_DATA, "optim.lr=0.0"]))
             high = train(compose_config([*TINY_TRAINER, *SAME_VAL_DATA, "trainer.max_epochs=3",

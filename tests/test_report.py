@@ -51,7 +51,9 @@ def test_macs_match_a_hand_count_for_a_small_conv_net():
     net = SmallNet()
     measured = cost.model_cost(net, torch.rand(3, 1, 16, 16), repeats=2)
     assert measured.macs == conv1 + conv2 + up + functional + head
-    assert measured.macs_per_pixel == pytest.approx((conv1 + conv2 + up + functional + head) / 256)
+    # MACs per labelled output pixel: the linear head's output [1, 10] labels one item, not 16 x 16 pixels.
+    assert measured.output_shape == (1, 10)
+    assert measured.macs_per_pixel == conv1 + conv2 + up + functional + head
     assert measured.params == (4 * 9 + 4) + (8 * 2 * 9 + 8) + (8 * 2 * 16 + 2) + 2 * 2 * 25 + (512 * 10 + 10)
     assert measured.input_shape == (1, 1, 16, 16)  # a batch of one, whatever the example's batch was
     assert measured.latency_ms > 0
@@ -148,6 +150,11 @@ def test_sweep_views_log_costs_plots_and_best_samples(tracked_sweep):
     files = {a.path for a in client.list_artifacts(parent, "leaderboard")} | \
         {a.path for a in client.list_artifacts(parent)}
     assert {"leaderboard/parallel_coordinates.png", "leaderboard/pareto.png", "report.html"} <= files
+    # One seed per config: one row per trial with n = 1 and no statistics over seeds; runs that logged no
+    # training compute (from before it was logged) are left out of the compute plot, here all of them.
+    assert table["n"].tolist() == [1, 1, 1] and "mean" not in table.columns and "config" not in table.columns
+    assert not {"leaderboard/metric_vs_compute.png", "leaderboard/curves_by_config.png",
+                "leaderboard/trials.csv"} & files
     best_samples = {a.path for a in client.list_artifacts(parent, "best_trial/samples/epoch_001")}
     assert best_samples == {"best_trial/samples/epoch_001/triptych.png"}
 

@@ -50,7 +50,10 @@ def test_smoke_sweep_tracks_parent_and_finished_children(smoke_sweep):
     artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
     assert {"config.yaml", "checkpoints", "samples"} <= artifacts
     assert parent.data.tags["deconvlab.best_run_id"] == outcome.best_run_id
-    assert {"epochs", "params", "best val/psnr", "optim.lr"} <= set(outcome.leaderboard.columns)
+    assert {"epochs", "params", "best val/psnr", "n", "optim.lr"} <= set(outcome.leaderboard.columns)
+    assert outcome.leaderboard["n"].tolist() == [1] * 4 and parent.data.params["sweep.repeats"] == "1"
+    # Without repeats a trial has no seed of its own: its child run has no seed tag and keeps its name.
+    assert all("deconvlab.seed" not in c.data.tags and "deconvlab.config_id" in c.data.tags for c in children)
 
 
 def test_every_trial_ends_finished_with_a_stop_reason_matching_its_epochs(smoke_sweep):

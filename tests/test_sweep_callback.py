@@ -38,3 +38,17 @@ def test_stop_reason_tells_scheduler_stops_from_trials_that_ended_by_themselves(
     assert completed["deconvlab.stop_reason"] == "completed"
     ended = _finish(callback, "t_ended", [{"done": False}] * 3)
     assert ended["deconvlab.stop_reason"] == "ended by itself after epoch 3 of 4"
+
+
+def test_a_trial_without_a_checkpoint_gets_a_recomposed_config_that_says_so(callback, tmp_path):
+    # The trial's own config.yaml travels in its checkpoints (tests/test_rerun.py); one that failed before its
+    # first checkpoint has none, and the driver composes it from the same overrides, tagged as such.
+    trial = SimpleNamespace(trial_id="t_failed", config={"optim.lr": 1e-3, "model.width": 16}, checkpoint=None)
+    callback.on_trial_start(0, [], trial)
+    callback.on_trial_error(0, [], trial)
+    run = callback.client.get_run(callback.run_ids["t_failed"])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["deconvlab.config_source"].startswith("recomposed by the sweep driver")
+    assert run.data.params["optim.lr"] == "0.001" and run.data.params["model.width"] == "16"
+    config = callback.client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
+    assert "width: 16" in open(config).read()

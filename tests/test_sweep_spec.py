@@ -123,3 +123,44 @@ def test_a_model_switch_that_cannot_build_is_refused_before_trials(tmp_path):
     with pytest.raises(UserError, match="cannot be built") as info:
         validate(spec)
     assert "model=wiener" in info.value.where
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "1.5", "two", "true"])
+def test_repeats_must_be_a_whole_number_of_at_least_one_one_line_exit_2_no_run(value, tmp_path, tracking_uri,
+                                                                              capsys):
+    from mlflow.tracking import MlflowClient
+
+    from deconvlab.cli import main
+
+    path = _write(tmp_path, GOOD + f"    repeats: {value}\n")
+    assert main(["sweep", path, "--storage", str(tmp_path / "ray")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert "repeats must be a whole number >= 1" in err and f"{path}: repeats" in err
+    client = MlflowClient(tracking_uri)
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert not (tmp_path / "ray").exists()
+
+
+def test_repeats_default_to_one_and_a_smoke_test_may_change_them(tmp_path):
+    assert load_sweep(_write(tmp_path, GOOD)).repeats == 1
+    spec = load_sweep(_write(tmp_path, GOOD.replace("num_samples: 5", "num_samples: 5\n    repeats: 3")
+                             .replace("{num_samples: 2,", "{num_samples: 2, repeats: 2,")))
+    assert (spec.repeats, spec.with_smoke_test().repeats) == (3, 2)
+    assert spec.to_dict()["repeats"] == 3
+
+
+def test_repeats_and_a_sampled_seed_are_refused_before_trials(tmp_path):
+    spec = load_sweep(_write(tmp_path, GOOD + "    repeats: 2\n"))
+    spec.search_space["seed"] = parse_distribution("seed", "choice([1, 2])")
+    with pytest.raises(UserError, match="repeats: 2 sets the seed of every trial") as info:
+        validate(spec)
+    assert info.value.where.endswith(": repeats")
+
+
+def test_a_repeats_seed_wins_over_a_seed_on_the_command_line(tmp_path):
+    from deconvlab.sweep.spec import trial_config
+
+    spec = load_sweep(_write(tmp_path, GOOD + "    repeats: 2\n"))
+    cfg = trial_config(spec.to_dict(), {"optim.lr": 0.001, "seed": 8}, str(tmp_path / "out"), ["seed=7"])
+    assert cfg.seed == 8 and cfg.optim.lr == 0.001

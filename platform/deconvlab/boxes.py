@@ -107,6 +107,23 @@ def boxes_from_label_maps(labels: torch.Tensor, classes: Sequence[int]) -> tuple
     return normalise_boxes(pixel_boxes, height, width), torch.tensor(found, device=labels.device)
 
 
+def box_scores(pred_boxes: torch.Tensor, pred_labels: torch.Tensor, true_boxes: torch.Tensor,
+               true_labels: torch.Tensor, ignore_index: int | None = None,
+               iou_threshold: float = 0.5) -> dict[str, torch.Tensor]:
+    """Per image: ``accuracy`` (1/0), ``box_iou`` and ``acc_iou50`` (1/0), as in :class:`BoxMetrics`.
+
+    Images whose true class is ``ignore_index`` (no object of interest) get NaN: they have no score, and
+    :class:`BoxMetrics` (the mean over images) leaves them out.
+    """
+    iou = box_iou(pred_boxes.float(), true_boxes.float()).double()
+    right = (pred_labels == true_labels).double()
+    scores = {"accuracy": right, "box_iou": iou, "acc_iou50": right * (iou >= iou_threshold).double()}
+    if ignore_index is None:
+        return scores
+    skipped = true_labels == ignore_index
+    return {k: torch.where(skipped, torch.nan, v) for k, v in scores.items()}
+
+
 class BoxMetrics(Metric):
     """Classification + localisation metrics over all images of an epoch.
 
@@ -129,11 +146,11 @@ class BoxMetrics(Metric):
     def update(self, pred_boxes: torch.Tensor, pred_labels: torch.Tensor, true_boxes: torch.Tensor,
                true_labels: torch.Tensor) -> None:
         keep = true_labels != self.ignore_index if self.ignore_index is not None else true_labels == true_labels
-        iou = box_iou(pred_boxes[keep].float(), true_boxes[keep].float()).double()
-        right = (pred_labels[keep] == true_labels[keep]).double()
-        self.correct += right.sum()
-        self.iou_sum += iou.sum()
-        self.hits += (right * (iou >= self.iou_threshold).double()).sum()
+        scores = box_scores(pred_boxes[keep], pred_labels[keep], true_boxes[keep], true_labels[keep],
+                            iou_threshold=self.iou_threshold)
+        self.correct += scores["accuracy"].sum()
+        self.iou_sum += scores["box_iou"].sum()
+        self.hits += scores["acc_iou50"].sum()
         self.count += keep.sum()
 
     def compute(self) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
-from deconvlab.callbacks import SampleImages
+from deconvlab.callbacks import SampleImages, TrainingCompute
 from deconvlab.errors import UserError, first_line, user_error_in
 from deconvlab.models import list_models
 from deconvlab.tasks.base import BaseTask
@@ -104,13 +104,15 @@ def build_datamodule(data: DictConfig | Mapping[str, Any], stage: str | None = N
 def build_trainer(cfg: DictConfig, task: BaseTask, callbacks: Sequence[Callback],
                   loggers: Sequence[pl.loggers.Logger],
                   trainer_overrides: dict[str, Any] | None = None) -> tuple[pl.Trainer, ModelCheckpoint]:
-    """The Lightning Trainer from ``cfg.trainer`` plus the platform's checkpoint and sample callbacks."""
+    """The Lightning Trainer from ``cfg.trainer`` plus the platform's callbacks: best/last checkpoints, sample
+    images, and the cumulative training compute (``compute/*`` metrics per epoch, see ``TrainingCompute``)."""
     output_dir = Path(cfg.paths.output_dir)
     checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best-epoch{epoch:03d}",
                                  monitor=task.monitor, mode=task.monitor_mode, save_top_k=1, save_last=True,
                                  auto_insert_metric_name=False)
     trainer = instantiate(cfg.trainer, default_root_dir=str(output_dir), logger=list(loggers) or False,
-                          callbacks=[checkpoint, SampleImages(), *callbacks], **(trainer_overrides or {}))
+                          callbacks=[checkpoint, SampleImages(), TrainingCompute(), *callbacks],
+                          **(trainer_overrides or {}))
     return trainer, checkpoint
 
 

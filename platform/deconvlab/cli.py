@@ -1,4 +1,4 @@
-"""The ``deconvlab`` command: train, sweep, list, runs, ui; registry: promote, evaluate, predict, models.
+"""The ``deconvlab`` command: train, sweep, list, runs, ui; registry: promote, evaluate, compare, predict, models.
 
 User errors print one line ``error: <what> (<where>): <what to do>`` and exit 2; internal errors exit 1
 with one line too, and ``--debug`` shows the traceback.
@@ -27,10 +27,15 @@ def _quiet_environment() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from deconvlab.config import compose_config
-
     quiet = ["trainer.enable_progress_bar=false"] if args.quiet else []
-    cfg = compose_config([*args.overrides, *quiet])
+    if args.from_run:
+        from deconvlab.train import rerun_config
+
+        cfg, tags = rerun_config(args.from_run, [*args.overrides, *quiet])
+    else:
+        from deconvlab.config import compose_config
+
+        cfg, tags = compose_config([*args.overrides, *quiet]), {}
     if args.cfg:
         from omegaconf import OmegaConf
 
@@ -38,7 +43,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     from deconvlab.train import train
 
-    result = train(cfg)
+    result = train(cfg, tags=tags)
     monitor, _ = result.monitor
     print(f"run {result.run_id}: best {monitor} = {result.metrics.get(f'best/{monitor}', float('nan')):.4f}")
     print(f"best checkpoint: {result.best_checkpoint}")
@@ -115,13 +120,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from deconvlab.evaluate import evaluate, format_metrics
 
     evaluation = evaluate(args.model_uri, args.overrides, tracking_uri=args.tracking_uri, trust=args.trust,
-                          log=not args.no_log)
+                          log=not args.no_log, per_item=args.per_item, config=args.config)
     if args.json:
         import json
 
         print(json.dumps(evaluation.to_dict(), indent=2))
     else:
         print("\n".join(format_metrics(evaluation)))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from deconvlab.compare import compare, format_comparison
+
+    comparison = compare(args.model_a, args.model_b, args.overrides, metric=args.metric,
+                         tracking_uri=args.tracking_uri, trust=args.trust, log=not args.no_log,
+                         config_a=args.config_a, config_b=args.config_b)
+    if args.json:
+        import json
+
+        print(json.dumps(comparison.to_dict(), indent=2))
+    else:
+        print("\n".join(format_comparison(comparison)))
     return 0
 
 
@@ -161,13 +181,31 @@ def _add_registry_commands(sub: argparse._SubParsersAction) -> None:
     promote.set_defaults(func=cmd_promote)
 
     evaluate = sub.add_parser("evaluate", help="a model's metrics on its validation split or on other data")
-    evaluate.add_argument("model_uri", help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID")
+    model_help = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID or a .ckpt file written by train"
+    config_help = "the config.yaml of a .ckpt (default: found next to it or through its tracked run)"
+    evaluate.add_argument("model_uri", help=model_help)
     evaluate.add_argument("overrides", nargs="*", help="data overrides, e.g. data.split=test data.root=DIR")
+    evaluate.add_argument("--per-item", metavar="FILE.csv",
+                          help="also write one row per image/case (its id and every metric); logged as per_item.csv")
+    evaluate.add_argument("--config", metavar="FILE", help=config_help)
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
     evaluate.add_argument("--no-log", action="store_true", help="do not log an evaluation run")
     evaluate.add_argument("--trust", action="store_true", help=trust_help)
     evaluate.add_argument("--tracking-uri", help=uri_help)
     evaluate.set_defaults(func=cmd_evaluate)
+
+    compare = sub.add_parser("compare", help="two models on the same items: paired difference, CI, p-value")
+    compare.add_argument("model_a", help=f"model A: {model_help}")
+    compare.add_argument("model_b", help="model B, of the same task family")
+    compare.add_argument("overrides", nargs="*", help="data overrides of A's data config (both get the result)")
+    compare.add_argument("--metric", help="a per-item metric, e.g. val/ssim (default: A's task monitor)")
+    compare.add_argument("--config-a", metavar="FILE", help=config_help)
+    compare.add_argument("--config-b", metavar="FILE", help=config_help)
+    compare.add_argument("--json", action="store_true", help="print the result as JSON")
+    compare.add_argument("--no-log", action="store_true", help="do not log a run in experiment comparisons")
+    compare.add_argument("--trust", action="store_true", help=trust_help)
+    compare.add_argument("--tracking-uri", help=uri_help)
+    compare.set_defaults(func=cmd_compare)
 
     predict = sub.add_parser("predict", help="apply a model to files: images, NIfTI volumes")
     predict.add_argument("model_uri", help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID")
@@ -192,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train one run: deconvlab train experiment=quickstart key=value ...")
     train.add_argument("overrides", nargs="*",
                        help="Hydra overrides, e.g. experiment=quickstart optim.lr=1e-3")
+    train.add_argument("--from-run", metavar="RUN_ID",
+                       help="train again from a tracked run's or sweep trial's logged config.yaml (same seed); "
+                            "the overrides apply on top of it")
     train.add_argument("--cfg", choices=["job"], help="print the composed config and exit")
     train.add_argument("--resolve", action="store_true", help="with --cfg: resolve interpolations")
     train.add_argument("--quiet", action="store_true", help="no progress bars (for scripts and logs)")
@@ -239,6 +280,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refused_by_tracking_server(exc: Exception, tracking_uri: str | None):
+    """A request a team tracking server refused (HTTP 401/403) as a user error naming what is missing.
+
+    Only looked at once MLflow is loaded: before that no request was made (and ``deconvlab --help`` stays fast).
+    """
+    if "mlflow" not in sys.modules:
+        return None
+    from deconvlab.access import refusal
+
+    return refusal(exc, tracking_uri=tracking_uri)
+
+
 def run_guarded(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run a subcommand, turning exceptions into one line and an exit code.
 
@@ -256,7 +309,7 @@ def run_guarded(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
         if args.debug:
             raise
-        user_error = user_error_in(exc)
+        user_error = user_error_in(exc) or _refused_by_tracking_server(exc, getattr(args, "tracking_uri", None))
         if user_error is not None:
             print(f"error: {user_error.one_line()}", file=sys.stderr)
             return EXIT_USER_ERROR

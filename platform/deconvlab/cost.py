@@ -1,11 +1,17 @@
-"""What a model costs: parameters, multiply-accumulates per input pixel, and measured inference latency.
+"""What a model costs: parameters, multiply-accumulates per labelled output pixel, and measured latency.
 
 MACs are counted by torch's own ``FlopCounterMode`` (torch.utils.flop_counter) while the model runs on one
 input: every convolution, transposed convolution and matrix product dispatched to ATen is counted, also
 those called functionally (``F.conv2d`` with a computed kernel, as Xu's separable layers do), which
 module hooks would miss. FFTs are not counted, so a Wiener filter's cost shows as 0 MACs and only its
-latency tells the truth. MACs per pixel divide by the input's spatial size (H x W, or D x H x W), so
-fully convolutional nets compare independently of the image size they were measured on.
+latency tells the truth.
+
+``cost/macs_per_pixel`` is MACs per LABELLED OUTPUT pixel (or voxel): one forward pass divided by the
+spatial size of its output (docs/metrics.md, "per labelled output pixel"). A dense net (segmentation,
+restoration, reconstruction) labels every output pixel, so this is MACs / (H x W) of its output; a
+voxel-centred patch net's forward labels its centre voxel(s) (output ``[B, K]`` or ``[B, K, 1, 1, 1]``:
+one), so its figure is the whole forward pass; a classification + localisation net (``[B, K + 4]``)
+labels one image. Models of different layouts thus compare at the cost of the answer they give.
 
 The sweep driver logs these for every trial (``cost/*`` metrics of the child run) so the leaderboard
 and the report can put each trial's metric beside its cost.
@@ -24,15 +30,16 @@ import torch.nn as nn
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.flop_counter import FlopCounterMode
 
 from deconvlab.build import build_datamodule, build_task
 from deconvlab.errors import UserError
+from deconvlab.macs import count_macs
 from deconvlab.models import list_models
 from deconvlab.store import run_config
 
 # Metric keys in a child run, and the leaderboard columns they become ("params" comes from the
 # trained model's own model/num_params metric).
+# "MACs/px" is per labelled output pixel (see the module docstring).
 COST_COLUMNS = {"cost/macs_per_pixel": "MACs/px", "cost/latency_ms": "latency ms"}
 COST_ERROR_TAG = "deconvlab.cost_error"
 
@@ -44,9 +51,10 @@ class ModelCost:
     Attributes:
         params: number of parameters (trainable or not).
         macs: multiply-accumulates of one forward pass on the input (batch of one).
-        pixels: spatial size of the input (H*W or D*H*W).
+        pixels: the output pixels (voxels) that forward pass labels (:func:`labelled_pixels`).
         latency_ms: median wall time of one forward pass, in milliseconds.
         input_shape: the input's shape, batch included.
+        output_shape: the output's shape, batch included.
     """
 
     params: int
@@ -54,27 +62,41 @@ class ModelCost:
     pixels: int
     latency_ms: float
     input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...] = ()
 
     @property
     def macs_per_pixel(self) -> float:
+        """MACs per labelled output pixel."""
         return self.macs / self.pixels
 
+    @property
+    def latency_us_per_pixel(self) -> float:
+        """Latency of a forward pass (batch of one) per labelled output pixel, in microseconds."""
+        return self.latency_ms * 1000.0 / self.pixels
+
     def as_metrics(self) -> dict[str, float]:
-        """The ``cost/*`` metrics logged to a run."""
+        """The ``cost/*`` metrics logged to a run (``macs_per_pixel``: per labelled output pixel)."""
         return {"cost/params": float(self.params), "cost/macs_per_pixel": self.macs_per_pixel,
-                "cost/latency_ms": self.latency_ms}
+                "cost/latency_ms": self.latency_ms, "cost/latency_us_per_pixel": self.latency_us_per_pixel}
 
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_macs(model: nn.Module, example: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass of ``model`` on ``example`` (convolutions and matmuls)."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(example)
-    # FlopCounterMode counts a multiply and an add as two FLOPs.
-    return counter.get_total_flops() // 2
+def forward_macs(model: nn.Module, example: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """Multiply-accumulates of one forward pass of ``model`` on ``example``
+    (:func:`deconvlab.macs.count_macs`), and the output of a forward pass."""
+    macs = count_macs(model, example)
+    with torch.no_grad():
+        return macs, model(example)
+
+
+def labelled_pixels(output: torch.Tensor) -> int:
+    """The pixels (voxels) one item's output labels: its spatial size after the batch and class/channel
+    axes (``[B, K, H, W]``: H*W); one for an output without spatial axes (``[B, K]``: a patch net's
+    centre voxel, a classifier's or localiser's image)."""
+    return int(math.prod(output.shape[2:])) if output.dim() > 2 else 1
 
 
 def spatial_pixels(example: torch.Tensor) -> int:
@@ -95,11 +117,14 @@ def measure_latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 5
 
 
 def model_cost(model: nn.Module, example: torch.Tensor, repeats: int = 5) -> ModelCost:
-    """Parameters, MACs and latency of ``model`` (put in eval mode) on a batch of one ``example``."""
+    """Parameters, MACs and latency of ``model`` (put in eval mode) on a batch of one ``example``, and the
+    output pixels that forward pass labels."""
     model.eval()
     example = example[:1]
-    return ModelCost(count_params(model), count_macs(model, example), spatial_pixels(example),
-                     measure_latency_ms(model, example, repeats), tuple(example.shape))
+    macs, output = forward_macs(model, example)
+    latency = measure_latency_ms(model, example, repeats)
+    return ModelCost(count_params(model), macs, labelled_pixels(output), latency, tuple(example.shape),
+                     tuple(output.shape))
 
 
 # -- an input for a configured model ---------------------------------------------------------------------
@@ -203,8 +228,9 @@ def trial_costs(client: MlflowClient, run_ids: list[str], log: bool = True) -> d
 def summary(cost: ModelCost, model: nn.Module | None = None) -> str:
     """The model summary a run keeps: the cost in words, then the module tree."""
     lines = [f"parameters:     {cost.params:,}",
-             f"MACs per pixel: {cost.macs_per_pixel:,.1f} "
-             f"({cost.macs:,} MACs on an input of shape {list(cost.input_shape)})",
+             f"MACs per pixel: {cost.macs_per_pixel:,.1f} per labelled output pixel "
+             f"({cost.macs:,} MACs on an input of shape {list(cost.input_shape)}, labelling "
+             f"{cost.pixels:,} pixels of an output of shape {list(cost.output_shape)})",
              f"latency:        {cost.latency_ms:.3f} ms (median of timed forward passes, batch of one, "
              f"{torch.get_num_threads()} CPU threads)"]
     return "\n".join(lines + (["", repr(model)] if model is not None else [])) + "\n"

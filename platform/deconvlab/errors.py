@@ -45,6 +45,11 @@ class MissingDataError(UserError, FileNotFoundError):
     """A data folder, split or file that does not exist (or a split with nothing in it)."""
 
 
+class AccessRefused(UserError):
+    """The tracking server refused a request: no or wrong credentials (HTTP 401), or no permission on an
+    experiment or registered model (HTTP 403). See :mod:`deconvlab.access`."""
+
+
 def disk_full(exc: OSError) -> UserError:
     """The user error for a write that found the disk (or the quota) full."""
     where = exc.filename or "paths.root_dir"

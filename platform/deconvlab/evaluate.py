@@ -7,13 +7,20 @@ its data section (switching the data group drops the run's own ``data.*`` overri
 other data set). Metric names keep training's ``val/`` prefix whatever split is read, so they compare
 with the run's own. Every evaluation with a result is logged as a run of the ``evaluations`` experiment,
 tagged with the model URI, the registered name and version, and linked from the version.
+
+Per-item results (``--per-item FILE.csv``): the task records one row per image (per case for volumes),
+its id and every per-item metric under its logged key; the file is also the run's ``per_item.csv``. Each
+logged metric is the mean of its column, or pooled over the split, as ``task.item_aggregates()`` says.
 """
 
 from __future__ import annotations
 
+import csv
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -25,15 +32,23 @@ from deconvlab.build import DATA_FIX, build_datamodule
 from deconvlab.config import compose_config
 from deconvlab.errors import UserError, first_line
 from deconvlab.model_io import LoadedModel, load_model, quiet_logger
-from deconvlab.store import client_for
+from deconvlab.store import client_for, set_version_tag_if_allowed
 from deconvlab.volume.report import log_table
 
 EVALUATION_EXPERIMENT = "evaluations"
+PER_ITEM_ARTIFACT = "per_item.csv"
 
 
 @dataclass
 class Evaluation:
-    """The metrics of one evaluation and where they were logged."""
+    """The metrics of one evaluation and where they were logged.
+
+    Attributes:
+        items: one row per image or case (``item`` then each per-item metric), when asked for.
+        aggregates: per metric key of ``items``: ``mean`` (the logged value is the mean of the column) or
+            ``pooled`` (computed from counts summed over the split).
+        per_item_file: where ``items`` were written.
+    """
 
     uri: str
     metrics: dict[str, float]
@@ -42,11 +57,15 @@ class Evaluation:
     name: str | None = None
     version: str | None = None
     overrides: list[str] = field(default_factory=list)
+    items: list[dict[str, Any]] | None = None
+    aggregates: dict[str, str] = field(default_factory=dict)
+    per_item_file: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"model_uri": self.uri, "registered_model": self.name, "version": self.version,
                 "split": self.data.get("split"), "data_root": self.data.get("root"),
-                "overrides": self.overrides, "metrics": self.metrics, "evaluation_run_id": self.run_id}
+                "overrides": self.overrides, "metrics": self.metrics, "evaluation_run_id": self.run_id,
+                "per_item_file": self.per_item_file, "per_item_aggregates": self.aggregates or None}
 
 
 def _key(override: str) -> str:
@@ -87,8 +106,12 @@ def _accelerator(cfg: DictConfig) -> str:
     return "cpu" if wanted in ("gpu", "cuda") and not torch.cuda.is_available() else wanted
 
 
-def run_validation(loaded: LoadedModel, datamodule) -> dict[str, float]:
-    """The task's validation loop over the whole split; returns its scalar metrics."""
+def run_validation(loaded: LoadedModel, datamodule, record_items: bool = False) -> dict[str, float]:
+    """The task's validation loop over the whole split; returns its scalar metrics.
+
+    With ``record_items`` the task also keeps one row per item (read them with :func:`item_results`).
+    """
+    loaded.task.record_items = record_items
     try:
         # Lightning's banners (accelerator, tips) would interleave with the metrics or the JSON.
         with quiet_logger("pytorch_lightning"):
@@ -101,6 +124,35 @@ def run_validation(loaded: LoadedModel, datamodule) -> dict[str, float]:
         raise UserError(f"evaluation failed on the data: {first_line(exc, 1000)}", "data",
                         DATA_FIX) from None
     return {k: float(v) for k, v in sorted(results.items())}
+
+
+def item_results(task) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The per-item rows the task recorded in its last validation, and how each key is aggregated.
+
+    Raises:
+        UserError: the task records no per-item results, or recorded none (an empty split).
+    """
+    rows = getattr(task, "item_rows", None)
+    if rows is None or not hasattr(task, "item_aggregates"):
+        raise UserError(f"the {task.family} task does not record per-item results", "--per-item",
+                        "evaluate without --per-item")
+    if not rows:
+        raise UserError(f"the {task.family} task recorded no per-item rows on this data", "--per-item",
+                        "check that the split has items (data.root, data.split); volumes are scored per case "
+                        "only where the task evaluates whole volumes")
+    return [dict(row) for row in rows], dict(task.item_aggregates())
+
+
+def write_items(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """Write per-item rows as CSV at full precision (``item`` first, then every key in first-seen order)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
 
 
 def _log_volume_report(client, run_id: str, task) -> None:
@@ -120,7 +172,8 @@ def _log(evaluation: Evaluation, loaded: LoadedModel, tracking_uri: str | None) 
             "deconvlab.data_root": str(evaluation.data.get("root"))}
     if loaded.name:
         tags |= {"deconvlab.registered_model": loaded.name, "deconvlab.model_version": str(loaded.version)}
-    label = f"{loaded.name} v{loaded.version}" if loaded.name else f"run {str(loaded.run_id)[:8]}"
+    label = (f"{loaded.name} v{loaded.version}" if loaded.name
+             else f"run {loaded.run_id[:8]}" if loaded.run_id else Path(loaded.uri).name)
     run_name = f"eval {label} {evaluation.data.get('split')} {time.strftime('%Y%m%d-%H%M%S')}"
     with tracking.tracked_run(EVALUATION_EXPERIMENT, run_name, uri, tags) as (client, run_id):
         tracking.log_params(client, run_id, {**tracking.flatten(evaluation.data, "data."),
@@ -128,32 +181,42 @@ def _log(evaluation: Evaluation, loaded: LoadedModel, tracking_uri: str | None) 
         for key, value in evaluation.metrics.items():
             client.log_metric(run_id, key, value)
         _log_volume_report(client, run_id, loaded.task)
+        if evaluation.items:
+            with tempfile.TemporaryDirectory() as scratch:
+                client.log_artifact(run_id, str(write_items(evaluation.items, Path(scratch) / PER_ITEM_ARTIFACT)))
     if loaded.name:
-        client_for(uri).set_model_version_tag(loaded.name, loaded.version, "deconvlab.last_evaluation_run",
-                                              run_id)
+        # A reader may evaluate a model it cannot tag: the evaluation run still records the link.
+        set_version_tag_if_allowed(client_for(uri), loaded.name, loaded.version, "deconvlab.last_evaluation_run",
+                                   run_id)
     return run_id
 
 
 def evaluate(uri: str, overrides: Sequence[str] = (), tracking_uri: str | None = None, trust: bool = False,
-             log: bool = True) -> Evaluation:
+             log: bool = True, per_item: str | Path | None = None, config: str | Path | None = None) -> Evaluation:
     """Evaluate the model behind ``uri`` with its task's validation metrics.
 
     Args:
-        uri: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or ``runs:/RUN_ID``.
+        uri: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/RUN_ID`` or a ``.ckpt`` file.
         overrides: data overrides (``data.split=test data.root=...``); none = the model's validation data.
         tracking_uri: the MLflow store (default: ``MLFLOW_TRACKING_URI`` or ./mlflow.db).
         trust: allow unpickling (see :func:`deconvlab.model_io.load_model`).
         log: log an evaluation run (nothing is logged when the evaluation fails).
+        per_item: write one row per item (its id and every per-item metric) to this CSV file; it is also
+            logged as the run's ``per_item.csv``.
+        config: the config of a ``.ckpt`` file, when none is found beside it (see ``load_model``).
 
     Returns:
-        The metrics (``val/...`` keys, as in training) and the evaluation run id.
+        The metrics (``val/...`` keys, as in training), the per-item rows if asked, the evaluation run id.
     """
     overrides = list(overrides)
-    loaded = load_model(uri, tracking_uri, trust)
+    loaded = load_model(uri, tracking_uri, trust, config)
     data = evaluation_data(loaded.cfg, overrides)
     datamodule = build_datamodule(data, "validate", "the evaluation data")
-    evaluation = Evaluation(uri, run_validation(loaded, datamodule), data, None, loaded.name, loaded.version,
-                            overrides)
+    evaluation = Evaluation(uri, run_validation(loaded, datamodule, per_item is not None), data, None,
+                            loaded.name, loaded.version, overrides)
+    if per_item is not None:
+        evaluation.items, evaluation.aggregates = item_results(loaded.task)
+        evaluation.per_item_file = str(write_items(evaluation.items, per_item))
     if log:
         evaluation.run_id = _log(evaluation, loaded, tracking_uri)
     return evaluation
@@ -165,6 +228,8 @@ def format_metrics(evaluation: Evaluation) -> list[str]:
     lines = [f"{what} on split {evaluation.data.get('split')} (root={evaluation.data.get('root')})"]
     width = max((len(k) for k in evaluation.metrics), default=0)
     lines += [f"  {k:<{width}}  {v:.6g}" for k, v in evaluation.metrics.items()]
+    if evaluation.per_item_file:
+        lines.append(f"{len(evaluation.items or [])} items written to {evaluation.per_item_file}")
     if evaluation.run_id:
         lines.append(f"logged as run {evaluation.run_id} in experiment {EVALUATION_EXPERIMENT}")
     return lines

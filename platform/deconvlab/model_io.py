@@ -7,8 +7,12 @@ network through deconvlab's own config and model classes and reads the weights w
 directory carries a ``python_function`` flavour whose loader is this module, so MLflow tools
 (``mlflow.pyfunc.load_model``, ``mlflow models serve``) use the same safe path.
 
-Model URIs: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``models:/NAME`` (latest version) and
-``runs:/RUN_ID`` (a run's own best checkpoint and ``config.yaml``).
+Model URIs: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``models:/NAME`` (latest version),
+``runs:/RUN_ID`` (a run's own best checkpoint and ``config.yaml``) and the path of a local Lightning
+checkpoint (``.ckpt``, as ``deconvlab train`` writes under ``<output_dir>/checkpoints/``). A checkpoint's
+hyperparameters do not say which network or data it was trained with, so its config comes from a
+``config.yaml`` given explicitly, else one next to it or in its run folder (``<output_dir>/config.yaml``,
+``<output_dir>/.hydra/config.yaml``), else the tracked run whose ``paths.output_dir`` is that folder.
 """
 
 from __future__ import annotations
@@ -28,10 +32,12 @@ import mlflow.pyfunc
 import mlflow.pytorch
 import numpy as np
 import torch
+import yaml
 from mlflow.models import Model
 from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from deconvlab.build import (
     TRUST_FIX,
@@ -41,7 +47,7 @@ from deconvlab.build import (
     read_weights,
     rebuild_task,
 )
-from deconvlab.errors import UserError
+from deconvlab.errors import UserError, first_line
 from deconvlab.store import CONFIG_FILE, checkpoint_artifact, client_for, find_version, get_run, run_config
 
 FLAVOR = "deconvlab"
@@ -199,25 +205,36 @@ def _load_pyfunc(data_path: str) -> _PyfuncModel:
 
 MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))?/?$")
 RUNS_URI = re.compile(r"^runs:/(?P<run>[0-9a-fA-F]{32})(?:/.*)?$")
-URI_FIX = "use models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID (deconvlab models lists them)"
+URI_FIX = ("use models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID (deconvlab models lists them) "
+           "or the path of a .ckpt file")
+CHECKPOINT_SUFFIX = ".ckpt"
 
 
-def load_model(uri: str, tracking_uri: str | None = None, trust: bool = False) -> LoadedModel:
+def load_model(uri: str, tracking_uri: str | None = None, trust: bool = False,
+               config: str | Path | None = None) -> LoadedModel:
     """Rebuild the model behind ``uri`` (see the module docstring for the forms).
 
     Args:
-        uri: the model URI.
+        uri: the model URI, or the path of a local Lightning checkpoint.
         tracking_uri: the MLflow store (default: ``MLFLOW_TRACKING_URI`` or ./mlflow.db).
         trust: allow unpickling (checkpoints with Python objects, models saved by other flavours).
+        config: for a local checkpoint only: the resolved ``config.yaml`` it was trained with (default:
+            found next to it, or through the tracked run that wrote it).
 
     Raises:
-        UserError: a malformed URI, an unknown name, alias, version or run, a run without checkpoint.
+        UserError: a malformed URI, an unknown name, alias, version or run, a run without checkpoint,
+            a missing checkpoint file or one whose config cannot be found.
     """
+    if config is not None and (MODELS_URI.match(uri) or RUNS_URI.match(uri)):
+        raise UserError("--config is for a local checkpoint file only", str(config),
+                        "drop it: models:/ and runs:/ URIs carry their own config")
     client = client_for(tracking_uri)
     if match := MODELS_URI.match(uri):
         return _load_version(client, uri, match, trust)
     if match := RUNS_URI.match(uri):
         return _load_run(client, uri, match["run"], trust)
+    if Path(uri).suffix == CHECKPOINT_SUFFIX or Path(uri).is_file():
+        return _load_checkpoint(client, uri, trust, config)
     raise UserError(f"unsupported model URI {uri!r}", uri, URI_FIX)
 
 
@@ -264,3 +281,65 @@ def _load_run(client, uri: str, run_id: str, trust: bool) -> LoadedModel:
         weights = checkpoint_model_weights(read_weights(path, trust), f"{uri} ({artifact})")
     task = rebuild_task(cfg, weights, uri)
     return LoadedModel(uri, cfg, task, task.family, run_id)
+
+
+# -- a local checkpoint ----------------------------------------------------------------------------------
+CONFIG_FIX = ("pass --config FILE: the run's config.yaml (an artifact of its MLflow run, or "
+              "deconvlab train <its overrides> --cfg job --resolve > FILE)")
+
+
+def _load_checkpoint(client, uri: str, trust: bool, config: str | Path | None) -> LoadedModel:
+    """A Lightning checkpoint on disk, rebuilt from the config it was trained with."""
+    path = Path(uri)
+    if not path.is_file():
+        raise UserError(f"no checkpoint file {path}", uri, "check the path (deconvlab train prints it)")
+    cfg, run_id = _checkpoint_config(client, path, config)
+    weights = checkpoint_model_weights(read_weights(path, trust), uri)
+    task = rebuild_task(cfg, weights, uri)
+    return LoadedModel(uri, cfg, task, task.family, run_id)
+
+
+def _checkpoint_config(client, path: Path, config: str | Path | None) -> tuple[DictConfig, str | None]:
+    """The checkpoint's config and the run that wrote it (None when the config came from a file)."""
+    if config is not None:
+        return _read_config(Path(config)), None
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    for candidate in (path.parent / CONFIG_FILE, run_dir / CONFIG_FILE, run_dir / ".hydra" / CONFIG_FILE):
+        if candidate.is_file():
+            return _read_config(candidate), None
+    run_id = _run_with_output_dir(client, run_dir)
+    if run_id is None:
+        raise UserError(f"no {CONFIG_FILE} for checkpoint {path.name}: none next to it or in {run_dir}, and no "
+                        f"tracked run with paths.output_dir={run_dir}", str(path), CONFIG_FIX)
+    return run_config(client, run_id), run_id
+
+
+def _read_config(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise UserError(f"no config file {path}", str(path), CONFIG_FIX)
+    try:
+        cfg = OmegaConf.create(path.read_text())
+        OmegaConf.resolve(cfg)
+    except (OSError, yaml.YAMLError, OmegaConfBaseException) as exc:
+        raise UserError(f"cannot read config {path.name}: {first_line(exc)}", str(path), CONFIG_FIX) from None
+    if not isinstance(cfg, DictConfig) or "model" not in cfg or "task" not in cfg:
+        raise UserError(f"{path.name} is not a deconvlab run config (no model or task section)", str(path),
+                        CONFIG_FIX)
+    return cfg
+
+
+def _run_with_output_dir(client, run_dir: Path) -> str | None:
+    """The tracked run whose logged ``paths.output_dir`` is ``run_dir`` (relative paths as seen from here).
+
+    ``deconvlab train`` logs every config key as a param; the output folder's last part is a timestamp to
+    the microsecond, so matching on the last two parts and then on the resolved path is unambiguous.
+    """
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return None
+    pattern = f"%{run_dir.parent.name}/{run_dir.name}".replace("'", "")
+    runs = client.search_runs(experiments, f"params.`paths.output_dir` LIKE '{pattern}'")
+    target = run_dir.resolve()
+    same = [r for r in runs if Path(r.data.params["paths.output_dir"]).resolve() == target]
+    chosen = same or runs
+    return chosen[0].info.run_id if len(chosen) == 1 else None

@@ -3,27 +3,32 @@
 ``promote`` packages a run's best checkpoint as an MLflow model (see :mod:`deconvlab.model_io`), registers
 it as a new version tagged with its lineage, and moves the alias (``champion`` by default) only when the
 new version beats the current holder on the ranking metric; the holder it replaces gets ``previous``.
-The decide-and-write step holds a file lock per (store, name) and re-reads the registry under it, so
+The decide-and-write step holds the name's registry lock (:mod:`deconvlab.locks`: a row the store's
+database holds, so it serialises hosts that share no file system) and re-reads the registry under it, so
 promotions racing on one name register each run once and leave exactly one holder of the alias.
+
+A sweep with ``repeats: N`` ran every config with N seeds: promotion picks the config with the best mean
+over its seeds and registers the checkpoint of that config's best seed (the seeds share the config, and a
+version is one set of weights); the version's tags record the config's mean, 95 % interval and ``n``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
-from filelock import FileLock, Timeout
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from deconvlab import model_io, tracking
 from deconvlab.build import checkpoint_model_weights, read_weights, rebuild_task, task_family
 from deconvlab.errors import UserError
+from deconvlab.locks import registry_lock
 from deconvlab.store import (
     RUN_ID_PATTERN,
     TAG,
@@ -40,7 +45,36 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 LOCK_TIMEOUT_S = 120
 
 
+def config_stat_key(stat: str, metric: str) -> str:
+    """A statistic of a trial's config over its seeds, which a sweep with repeats logs on each trial's run
+    (``config/mean/val/psnr``, ``config/ci_low/val/psnr``, ...; the statistics are :mod:`deconvlab.sweep`'s)."""
+    return f"config/{stat}/{metric}"
+
+
 # -- what to promote -----------------------------------------------------------------------------------
+@dataclass
+class ConfigChoice:
+    """The config a sweep with repeats promotes: its statistics over seeds and the seed registered.
+
+    Attributes:
+        config_id: the trials' ``deconvlab.config_id``.
+        mean, n: the mean of the seeds' best metric, and how many seeds have one.
+        ci_low, ci_high: the 95 % interval of the mean the sweep logged (NaN when it logged none, or n = 1).
+        seed: the seed whose checkpoint is registered.
+        seeds: (seed, best metric) of each of the config's seeds, in seed order.
+        configs: how many configs were ranked.
+    """
+
+    config_id: str
+    mean: float
+    n: int
+    ci_low: float
+    ci_high: float
+    seed: str
+    seeds: list[tuple[str, float]] = field(default_factory=list)
+    configs: int = 1
+
+
 @dataclass
 class Candidate:
     """A run chosen for promotion, with the value that ranks it."""
@@ -53,6 +87,7 @@ class Candidate:
     sweep: str | None = None
     sweep_run_id: str | None = None
     trial_id: str | None = None
+    config: ConfigChoice | None = None
 
     @property
     def run_id(self) -> str:
@@ -85,14 +120,41 @@ def _from_sweep(client: MlflowClient, parent, metric: str | None, mode: str | No
                         f"runs:/{parent.info.run_id}",
                         "rank by the sweep's own metric, or check the sweep finished")
     ranked.sort(key=lambda c: _best_value(c, metric), reverse=(mode == "max"))
-    best = next((c for c in ranked if has_checkpoint(client, c)), None)
+    choice = None
+    if int(parent.data.params.get("sweep.repeats", "1")) > 1:
+        best, choice = _best_config(client, ranked, metric, mode)
+    else:
+        best = next((c for c in ranked if has_checkpoint(client, c)), None)
     if best is None:
         raise UserError(f"no trial of sweep run {parent.info.run_id} has a checkpoint",
                         f"runs:/{parent.info.run_id}",
                         "rerun the sweep; trials log checkpoints/checkpoint.ckpt when they validate")
     return Candidate(best, metric, mode, _best_value(best, metric), checkpoint_artifact(client, best),
                      parent.data.tags.get(f"{TAG}sweep"), parent.info.run_id,
-                     best.data.tags.get(f"{TAG}trial_id"))
+                     best.data.tags.get(f"{TAG}trial_id"), choice)
+
+
+def _best_config(client: MlflowClient, ranked: list, metric: str, mode: str) -> tuple[Any, ConfigChoice | None]:
+    """The best seed (with a checkpoint) of the config with the best mean over its seeds, and that config.
+
+    ``ranked``: the sweep's trials with a value, best first; they are grouped by ``deconvlab.config_id``.
+    """
+    groups: dict[str, list] = {}
+    for run in ranked:
+        groups.setdefault(run.data.tags.get(f"{TAG}config_id", run.info.run_id), []).append(run)
+    means = {config: fmean(_best_value(r, metric) for r in runs) for config, runs in groups.items()}
+    for config in sorted(groups, key=means.get, reverse=(mode == "max")):
+        best = next((r for r in groups[config] if has_checkpoint(client, r)), None)
+        if best is None:
+            continue
+        seeds = sorted(((r.data.tags.get(f"{TAG}seed", "?"), _best_value(r, metric)) for r in groups[config]),
+                       key=lambda s: int(s[0]) if s[0].lstrip("-").isdigit() else math.inf)
+        logged = best.data.metrics
+        return best, ConfigChoice(config, means[config], len(groups[config]),
+                                  logged.get(config_stat_key("ci_low", metric), math.nan),
+                                  logged.get(config_stat_key("ci_high", metric), math.nan),
+                                  best.data.tags.get(f"{TAG}seed", "?"), seeds, len(groups))
+    return None, None
 
 
 def _from_run(client: MlflowClient, run, metric: str | None, mode: str | None) -> Candidate:
@@ -151,8 +213,18 @@ def _lineage(candidate: Candidate, cfg) -> dict[str, str]:
         "experiment": str(cfg.get("name")), "model": _short(cfg.model._target_),
         "config": " ".join(cfg.get("overrides") or [])[:4000],
         "family": task_family(cfg),
+        **_config_tags(candidate.config),
     }
     return {f"{TAG}{k}": v for k, v in tags.items() if v != ""}
+
+
+def _config_tags(choice: ConfigChoice | None) -> dict[str, str]:
+    """A repeats sweep's config statistics as version tags (an interval the sweep did not log is left out)."""
+    if choice is None:
+        return {}
+    numbers = {"metric_mean": choice.mean, "metric_ci_low": choice.ci_low, "metric_ci_high": choice.ci_high}
+    return {"config_id": choice.config_id, "seed": choice.seed, "metric_n": str(choice.n),
+            **{k: repr(v) for k, v in numbers.items() if math.isfinite(v)}}
 
 
 def _short(target: str) -> str:
@@ -168,15 +240,6 @@ def _package(client: MlflowClient, candidate: Candidate, cfg) -> None:
         target = Path(folder) / model_io.MODEL_ARTIFACT
         model_io.save_model_dir(task, cfg, target, {"source_run_id": candidate.run_id})
         client.log_artifacts(candidate.run_id, str(target), model_io.MODEL_ARTIFACT)
-
-
-def _lock_path(client: MlflowClient, name: str) -> Path:
-    uri = client.tracking_uri
-    if uri.startswith("sqlite:///"):
-        db = Path(uri.removeprefix("sqlite:///"))
-        return db.parent / f".{db.name}.registry-{name}.lock"
-    digest = hashlib.sha1(f"{uri}|{name}".encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"deconvlab-registry-{digest}.lock"
 
 
 def _version_of_run(client: MlflowClient, name: str, run_id: str):
@@ -198,6 +261,8 @@ def _register(client: MlflowClient, name: str, candidate: Candidate, cfg) -> tup
     source = f"{candidate.run.info.artifact_uri.rstrip('/')}/model"
     origin = f"trial {candidate.trial_id} of sweep {candidate.sweep}" if candidate.sweep else "a single run"
     why = f"{candidate.metric} = {candidate.value:.6g} ({candidate.mode}) from {origin}"
+    if candidate.config is not None:
+        why += f"; {_config_summary(candidate)}"
     version = client.create_model_version(name, source, candidate.run_id, tags=_lineage(candidate, cfg),
                                           description=why)
     return version, True
@@ -267,26 +332,41 @@ def promote(source: str, name: str, metric: str | None = None, mode: str | None 
     cfg = run_config(client, candidate.run_id)
     if _version_of_run(client, name, candidate.run_id) is None:
         _package(client, candidate, cfg)  # outside the lock: the slow part, and it writes no registry entry
-    lock = _lock_path(client, name)
-    try:
-        with FileLock(lock, timeout=LOCK_TIMEOUT_S):
-            version, new = _register(client, name, candidate, cfg)
-            moved, reason, replaced = _decide(client, name, alias, version, candidate, force)
-            if moved:
-                client.set_registered_model_alias(name, alias, version.version)
-                if replaced is not None:
-                    client.set_registered_model_alias(name, previous_alias(alias), replaced)
-    except Timeout:
-        raise UserError(f"another promotion to {name!r} holds the registry lock", str(lock),
-                        "wait for it to finish, or delete the lock file if no promotion is running") from None
+    with registry_lock(client, name, timeout_s=LOCK_TIMEOUT_S):
+        version, new = _register(client, name, candidate, cfg)
+        moved, reason, replaced = _decide(client, name, alias, version, candidate, force)
+        if moved:
+            client.set_registered_model_alias(name, alias, version.version)
+            if replaced is not None:
+                client.set_registered_model_alias(name, previous_alias(alias), replaced)
     return Promotion(name, str(version.version), alias, moved, reason, candidate, new, replaced)
+
+
+def _config_summary(c: Candidate) -> str:
+    """``config ab12cd34: mean val/psnr = 24.3, 95 % CI [24.1, 24.5], n = 3 seeds``."""
+    choice = c.config
+    interval = (f", 95 % CI [{choice.ci_low:.6g}, {choice.ci_high:.6g}]" if math.isfinite(choice.ci_low)
+                else " (no CI: one seed, or the sweep logged none)")
+    return f"config {choice.config_id}: mean {c.metric} = {choice.mean:.6g}{interval}, n = {choice.n} seeds"
+
+
+def _picked(c: Candidate) -> list[str]:
+    """What was picked and why: a trial or run, or a repeats sweep's config and which seed's checkpoint."""
+    if c.config is None:
+        origin = f"trial {c.trial_id} of sweep {c.sweep} (run {c.run_id})" if c.sweep else f"run {c.run_id}"
+        return [f"picked {origin}: best {c.metric} = {c.value:.6g} ({c.mode})"]
+    choice = c.config
+    seeds = ", ".join(f"seed {seed}: {value:.6g}" for seed, value in choice.seeds)
+    return [f"picked {_config_summary(c)} of sweep {c.sweep}: the best mean ({c.mode}) of {choice.configs} configs",
+            f"registers seed {choice.seed}'s checkpoint (trial {c.trial_id}, run {c.run_id}): the best of the "
+            f"config's seeds with a checkpoint ({seeds}); the seeds share the config, the mean ranks it, and a "
+            "version holds one set of weights"]
 
 
 def describe(promotion: Promotion) -> list[str]:
     """Lines telling a user what ``promote`` did and why."""
     c, p = promotion.candidate, promotion
-    origin = f"trial {c.trial_id} of sweep {c.sweep} (run {c.run_id})" if c.sweep else f"run {c.run_id}"
-    lines = [f"picked {origin}: best {c.metric} = {c.value:.6g} ({c.mode})",
+    lines = [*_picked(c),
              (f"registered {p.name} version {p.version}" if p.newly_registered
               else f"run already registered as {p.name} version {p.version}")]
     if p.moved:

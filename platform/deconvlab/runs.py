@@ -13,6 +13,7 @@ from rich.table import Table
 
 from deconvlab import tracking
 from deconvlab.errors import UserError
+from deconvlab.locks import is_lock_name
 from deconvlab.store import TAG, client_for, find_version
 
 KEY_METRIC_PREFIXES = ("best/", "val/")
@@ -70,7 +71,7 @@ def list_versions(tracking_uri: str | None = None, name: str | None = None) -> l
         find_version(client, name)  # a clear error for an unknown name
     rows = []
     for model in sorted(client.search_registered_models(), key=lambda m: m.name):
-        if name not in (None, model.name):
+        if name not in (None, model.name) or is_lock_name(model.name):
             continue
         by_version: dict[str, list[str]] = {}
         for alias, number in model.aliases.items():

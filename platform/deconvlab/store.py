@@ -3,18 +3,22 @@
 Runs, registered versions (by alias, number or latest), a run's best checkpoint artifact, the latest
 run of a sweep, and the resolved ``config.yaml`` a run logged. Each look-up fails with one
 :class:`~deconvlab.errors.UserError` that lists what does exist. Writing runs is :mod:`deconvlab.tracking`.
+On a team server a refused request (no login, no permission) is one ``AccessRefused`` (:mod:`deconvlab.access`).
 """
 
 from __future__ import annotations
 
 import re
+import tempfile
+from pathlib import Path
 
-import mlflow.artifacts
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from deconvlab.access import refusal
 from deconvlab.errors import UserError
+from deconvlab.locks import is_lock_name
 from deconvlab.tracking import resolve_tracking_uri
 
 TAG = "deconvlab."
@@ -43,7 +47,22 @@ def get_run(client: MlflowClient, run_id: str):
 
 
 def registered_names(client: MlflowClient) -> list[str]:
-    return sorted(m.name for m in client.search_registered_models())
+    """The registered models (not the promotion locks of :mod:`deconvlab.locks`)."""
+    return sorted(m.name for m in client.search_registered_models() if not is_lock_name(m.name))
+
+
+def set_version_tag_if_allowed(client: MlflowClient, name: str, version: str, key: str, value: str) -> bool:
+    """Tag a model version, unless the server refuses it (a user with READ on the model): then False.
+
+    For bookkeeping a reader may lack the right to write (e.g. the last evaluation run of a version).
+    """
+    try:
+        client.set_model_version_tag(name, version, key, value)
+    except Exception as exc:
+        if refusal(exc) is None:
+            raise
+        return False
+    return True
 
 
 def find_version(client: MlflowClient, name: str, alias: str | None = None, version: str | None = None):
@@ -121,14 +140,17 @@ def sweep_parent(client: MlflowClient, sweep: str):
 
 
 def run_config(client: MlflowClient, run_id: str) -> DictConfig:
-    """The resolved ``config.yaml`` a run logged.
+    """The resolved ``config.yaml`` a run logged, read through ``client`` (its server, its login).
 
     Raises:
         UserError: the run has no config (it was not made by ``deconvlab train`` or ``sweep``).
+        AccessRefused: the server refused to read it.
     """
-    uri = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{CONFIG_FILE}"
-    try:
-        return OmegaConf.create(mlflow.artifacts.load_text(uri))
-    except (MlflowException, OSError):
-        raise UserError(f"run {run_id} has no {CONFIG_FILE}", f"runs:/{run_id}",
-                        "use a run made by deconvlab train or deconvlab sweep") from None
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            return OmegaConf.create(Path(client.download_artifacts(run_id, CONFIG_FILE, folder)).read_text())
+        except (MlflowException, OSError) as exc:
+            if refusal(exc) is not None:
+                raise
+            raise UserError(f"run {run_id} has no {CONFIG_FILE}", f"runs:/{run_id}",
+                            "use a run made by deconvlab train or deconvlab sweep") from None

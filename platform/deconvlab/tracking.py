@@ -2,7 +2,9 @@
 
 The embedded default store is SQLite in the working directory (``./mlflow.db``) with artifacts in
 ``./mlartifacts``; ``MLFLOW_TRACKING_URI`` or the ``logger.tracking_uri`` config key point elsewhere
-(a team server over HTTP, Postgres...).
+(a team server over HTTP, Postgres...). A team server's login comes from ``MLFLOW_TRACKING_USERNAME`` /
+``MLFLOW_TRACKING_PASSWORD`` and is never logged: every param, config and error tag goes through
+:func:`deconvlab.access.redact` (see :mod:`deconvlab.access`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from deconvlab.access import check_credentials, check_uri_has_no_password, redact, refusals_named, secrets
 from deconvlab.errors import UserError, was_interrupted
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -38,8 +41,12 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
-    """The tracking URI: ``uri`` if given, else ``MLFLOW_TRACKING_URI``, else ./mlflow.db."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """The tracking URI: ``uri`` if given, else ``MLFLOW_TRACKING_URI``, else ./mlflow.db.
+
+    Raises:
+        UserError: an http(s) URI with a password in it (credentials go in the environment, not in URIs).
+    """
+    return check_uri_has_no_password(uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
 
 
 def artifact_location(root: str | None = None) -> str | None:
@@ -105,8 +112,9 @@ def git_commit(cwd: str | Path | None = None) -> str | None:
 
 
 def log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) -> None:
-    """Log many params, in batches MLflow accepts."""
-    items = [Param(k, v) for k, v in params.items()]
+    """Log many params, in batches MLflow accepts; URL passwords and credentials are redacted."""
+    hidden = secrets()
+    items = [Param(k, redact(str(v), hidden)) for k, v in params.items()]
     for start in range(0, len(items), PARAMS_PER_BATCH):
         client.log_batch(run_id, params=items[start:start + PARAMS_PER_BATCH])
 
@@ -114,7 +122,7 @@ def log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) -> 
 def log_config(client: MlflowClient, run_id: str, cfg: DictConfig) -> None:
     """The resolved config as flattened params and as ``config.yaml``, plus the git commit tag."""
     log_params(client, run_id, flatten(cfg))
-    client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    client.log_text(run_id, redact(OmegaConf.to_yaml(cfg, resolve=True)), "config.yaml")
     commit = git_commit()
     if commit:
         client.set_tag(run_id, "mlflow.source.git.commit", commit)
@@ -134,7 +142,8 @@ def save_images(images: Mapping[str, np.ndarray], folder: Path) -> None:
 
 
 def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast, with one line, when a tracking server does not answer (MLflow itself retries for minutes)."""
+    """Fail fast, with one line, when a tracking server does not answer (MLflow itself retries for minutes)
+    or refuses this process's login (see :func:`deconvlab.access.check_credentials`)."""
     if not tracking_uri.startswith(("http://", "https://")):
         return
     try:
@@ -143,6 +152,7 @@ def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
         reason = getattr(exc, "reason", exc)
         raise UserError(f"MLflow tracking server {tracking_uri} is unreachable ({reason})", "MLFLOW_TRACKING_URI",
                         "start the server (see infra/mlflow/README.md) or unset MLFLOW_TRACKING_URI") from None
+    check_credentials(tracking_uri, timeout_s)
 
 
 def status_for(exc: BaseException | None) -> str:
@@ -156,7 +166,7 @@ def error_tag(exc: BaseException) -> str:
     """The ``error`` tag of a run that did not finish: the exception, or that it was interrupted."""
     if was_interrupted(exc):
         return "KeyboardInterrupt: interrupted (Ctrl-C or SIGINT)"
-    return f"{type(exc).__name__}: {exc}"[:5000]
+    return redact(f"{type(exc).__name__}: {exc}")[:5000]
 
 
 @contextlib.contextmanager
@@ -165,15 +175,20 @@ def tracked_run(experiment: str, run_name: str, tracking_uri: str, tags: Mapping
     """Open an MLflow run (or reopen ``run_id``) and always close it: FINISHED, FAILED (with the error
     as a tag) or KILLED.
 
+    Raises:
+        AccessRefused: the tracking server refused to open the run (no login, or no permission to write
+            to ``experiment``): nothing was created.
+
     Yields:
         ``(client, run_id)``.
     """
     client = MlflowClient(tracking_uri)
-    if run_id is None:
-        experiment_id = get_or_create_experiment(experiment, tracking_uri, artifact_root)
-        run_id = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {})).info.run_id
-    else:
-        client.update_run(run_id, status="RUNNING")
+    with refusals_named(f"experiment {experiment!r}", tracking_uri):
+        if run_id is None:
+            experiment_id = get_or_create_experiment(experiment, tracking_uri, artifact_root)
+            run_id = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {})).info.run_id
+        else:
+            client.update_run(run_id, status="RUNNING")
     try:
         yield client, run_id
     except BaseException as exc:

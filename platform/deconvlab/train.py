@@ -3,29 +3,39 @@
 A single run (``deconvlab train``) opens its own MLflow run here. A sweep trial composes the same
 config with ``logger.enabled=false`` and passes Tune's reporting callback in ``callbacks``: the sweep
 driver then logs the trial's child run, so trials never write to the tracking store themselves.
+
+:func:`rerun_config` turns a tracked run's (or trial's) logged ``config.yaml`` back into a config for
+``deconvlab train --from-run RUN_ID``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import pickle
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 
 from deconvlab import cost, tracking
 from deconvlab.build import build_datamodule, build_task, build_trainer, checkpoint_model_weights
+from deconvlab.callbacks import training_compute
+from deconvlab.config import compose_config, config_groups
 from deconvlab.errors import UserError, first_line
 from deconvlab.perf import apply_perf
+from deconvlab.store import client_for, get_run, run_config
 from deconvlab.tasks.base import BaseTask
+
+RERUN_TAG = "deconvlab.rerun_of"
 
 
 @dataclass
@@ -33,7 +43,7 @@ class TrainResult:
     """What a finished run returns.
 
     Attributes:
-        metrics: the last logged value of every metric, plus ``best/<monitor>``.
+        metrics: the last logged value of every metric, plus ``best/<monitor>`` and ``compute/*``.
         best_checkpoint: path of the best checkpoint (by the task's monitor), if any was written.
         run_id: the MLflow run id for a tracked single run, None in a sweep trial.
         monitor: the metric that ranked checkpoints, and its mode.
@@ -74,12 +84,13 @@ def _log_model_cost(client: MlflowClient, run_id: str, task: BaseTask, datamodul
 
 
 @contextlib.contextmanager
-def _tracked(cfg: DictConfig) -> Iterator[tuple[MlflowClient | None, str | None]]:
+def _tracked(cfg: DictConfig, extra_tags: Mapping[str, str]) -> Iterator[tuple[MlflowClient | None, str | None]]:
     if not cfg.logger.get("enabled", True):
         yield None, None
         return
     uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri"))
-    tags = {"deconvlab.experiment": str(cfg.get("name")), "deconvlab.task": cfg.task._target_.rsplit(".", 1)[-1]}
+    tags = {"deconvlab.experiment": str(cfg.get("name")), "deconvlab.task": cfg.task._target_.rsplit(".", 1)[-1],
+            **extra_tags}
     with tracking.tracked_run(cfg.logger.experiment_name, cfg.logger.run_name, uri, tags,
                               cfg.logger.get("artifact_root")) as (client, run_id):
         tracking.log_config(client, run_id, cfg)
@@ -130,7 +141,7 @@ def check_resume_checkpoint(task: BaseTask, ckpt_path: str | None) -> None:
 
 
 def train(cfg: DictConfig, callbacks: Sequence[Callback] = (),
-          trainer_overrides: dict[str, Any] | None = None) -> TrainResult:
+          trainer_overrides: dict[str, Any] | None = None, tags: Mapping[str, str] | None = None) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.data`` with ``cfg.task``; track it unless ``logger.enabled`` is false.
 
     Everything is instantiated before any MLflow run opens, so a config that cannot be built leaves
@@ -140,6 +151,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (),
         cfg: a config composed by :func:`deconvlab.config.compose_config`.
         callbacks: extra Lightning callbacks (a sweep trial passes Tune's reporting callback).
         trainer_overrides: Trainer arguments set by code, not config (Ray's DDP strategy in workers).
+        tags: extra tags of the tracked run (a re-run's ``deconvlab.rerun_of``).
 
     Returns:
         The final metrics, the best checkpoint path and the MLflow run id.
@@ -150,11 +162,11 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (),
     apply_perf(task, cfg.get("perf"))  # before the run opens: a missing compiler fails fast
     check_resume_checkpoint(task, cfg.get("ckpt_path"))
     checked_output_dir(cfg)  # a run name that would put outputs outside paths.root_dir
-    with _tracked(cfg) as (client, run_id):
+    with _tracked(cfg, tags or {}) as (client, run_id):
         loggers = [MLFlowLogger(tracking_uri=client.tracking_uri, run_id=run_id)] if run_id else []
         trainer, checkpoint = build_trainer(cfg, task, callbacks, loggers, trainer_overrides)
         best = _fit_or_evaluate(trainer, task, datamodule, cfg.get("ckpt_path"), checkpoint)
-        metrics = _scalar_metrics(trainer)
+        metrics = {**_scalar_metrics(trainer), **training_compute(trainer)}
         score = checkpoint.best_model_score if checkpoint.best_model_score is not None else metrics.get(task.monitor)
         if score is not None:
             metrics[f"best/{task.monitor}"] = float(score)
@@ -166,3 +178,111 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (),
                 client.set_tag(run_id, "deconvlab.best_checkpoint", f"checkpoints/{Path(best).name}")
     return TrainResult(metrics, best, run_id, (task.monitor, task.monitor_mode))
 
+
+
+# -- running a tracked run again -------------------------------------------------------------------------
+def rerun_config(run_id: str, overrides: Sequence[str] = ()) -> tuple[DictConfig, dict[str, str]]:
+    """The config to train ``run_id`` again: its logged ``config.yaml`` with ``overrides`` on top.
+
+    The logged file is the resolved config the run (or sweep trial) ran, so the re-run gets the same values,
+    seed included, whatever ``conf/`` says today. What belonged to the old run is set afresh: a new output
+    folder (values under the old one now point into it), tracking as a normal run in the current store (a
+    trial's config has ``logger=none``) named ``rerun-of-<its name>``, and for a trial no ``ckpt_path`` (that
+    was the Ray checkpoint a restarted trial resumed from). ``overrides`` are applied with Hydra's syntax
+    (``key=value``, ``+key=value``, ``++key=value``, ``~key``) to the logged values; a config group choice
+    (``model=...``) cannot be applied to a resolved config and is refused.
+
+    Returns:
+        The config, and the new run's tags (``deconvlab.rerun_of``).
+
+    Raises:
+        UserError: an unknown run, a run without ``config.yaml``, or an override that does not apply.
+    """
+    client = client_for()
+    run = get_run(client, run_id)
+    logged = OmegaConf.to_container(run_config(client, run_id))
+    fresh = compose_config([])
+    was_trial = logged.get("logger", {}).get("enabled") is False
+    recorded = [o for o in logged.get("overrides") or [] if not _sets_run_local_key(o)]
+    logged = _redirect(logged, str(logged.get("paths", {}).get("output_dir") or ""), "${paths.output_dir}")
+    # Unresolved: the new run's store (MLFLOW_TRACKING_URI) and a new ${now:...} output folder.
+    paths = OmegaConf.to_container(fresh.paths)
+    logged["logger"] = {**OmegaConf.to_container(fresh.logger), "run_name": f"rerun-of-{run.info.run_name}"}
+    logged["paths"] = {**logged.get("paths", {}), "root_dir": paths["root_dir"], "output_dir": paths["output_dir"]}
+    if was_trial:
+        logged["ckpt_path"] = None
+    cfg = OmegaConf.create(logged)
+    apply_overrides(cfg, overrides, recorded)
+    with open_dict(cfg):
+        cfg.overrides = [*recorded, *overrides]
+    return cfg, {RERUN_TAG: run_id}
+
+
+def _sets_run_local_key(override: str) -> bool:
+    """Whether an override sets what a re-run sets afresh: tracking, the output folder, a resume point."""
+    key = override.split("=", 1)[0].lstrip("+~")
+    return key.split(".", 1)[0] == "logger" or key in ("paths.output_dir", "ckpt_path")
+
+
+def _redirect(node: Any, old: str, new: str) -> Any:
+    """Every string of a config container that is ``old`` (the old run's folder) or under it, moved to ``new``."""
+    if isinstance(node, dict):
+        return {k: _redirect(v, old, new) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_redirect(v, old, new) for v in node]
+    inside = isinstance(node, str) and old and (node == old or node.startswith(old.rstrip("/") + "/"))
+    return new + node[len(old):] if inside else node
+
+
+_ABSENT = object()
+
+
+def apply_overrides(cfg: DictConfig, overrides: Sequence[str], recorded: Sequence[str] = ()) -> None:
+    """Apply Hydra overrides to a composed (or logged) config in place, as Hydra applies them to values.
+
+    Args:
+        cfg: the config; set to struct mode, so a misspelt key is an error, not a new key.
+        overrides: ``key=value``, ``+key=value`` (a new key), ``++key=value`` (either), ``~key`` (delete).
+        recorded: the overrides the config was composed with, for the advice on a group choice.
+
+    Raises:
+        UserError: unreadable overrides, a group choice, an unknown key, an existing ``+key``, a wrong type.
+    """
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except OverrideParseException as exc:
+        raise UserError(f"cannot read the overrides: {first_line(exc)}", " ".join(overrides),
+                        "write key=value, +key=value or ~key") from None
+    groups = set(config_groups())
+    OmegaConf.set_struct(cfg, True)
+    for override in parsed:
+        key, line, value = override.key_or_group, override.input_line, override.value()
+        if override.package is not None or key in groups or override.is_sweep_override():
+            raise UserError(f"{line} chooses a config group, which a re-run cannot apply to the logged, resolved "
+                            "config", line, f"set single keys ({key}.NAME=VALUE), or train anew: deconvlab train "
+                            f"{' '.join([*recorded, line])}")
+        old = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
+        if override.is_delete():
+            if old is _ABSENT:
+                raise UserError(f"cannot delete {key}: the config has no such key", line, "check the spelling")
+            parent, _, leaf = key.rpartition(".")
+            with open_dict(cfg):
+                del (OmegaConf.select(cfg, parent) if parent else cfg)[leaf]
+            continue
+        if override.is_add() and old is not _ABSENT and not isinstance(value, (dict, list)):
+            raise UserError(f"{key} is already set ({old!r})", line, f"drop the +: {line[1:]}")
+        if not (override.is_add() or override.is_force_add()):
+            if old is _ABSENT:
+                raise UserError(f"unknown config key {key!r}", key, f"check the spelling, or add it with +{line}")
+            _check_type(key, old, value)
+        OmegaConf.update(cfg, key, value, merge=True, force_add=override.is_add() or override.is_force_add())
+
+
+def _check_type(key: str, old: Any, new: Any) -> None:
+    """A scalar override keeps the logged value's type (an int where a float was is fine)."""
+    scalars = (bool, int, float, str)
+    if not isinstance(old, scalars) or not isinstance(new, scalars) or type(old) is type(new):
+        return
+    if isinstance(old, float) and isinstance(new, int) and not isinstance(new, bool):
+        return
+    raise UserError(f"{key}={new!r} has the wrong type", key, f"expected {type(old).__name__} like {old!r}")

@@ -57,7 +57,7 @@ class Case:
         image: ``[C, D, H, W]`` float32, z-scored inside the brain, 0 outside.
         label: ``[D, H, W]`` uint8.
         brain: ``[D, H, W]`` bool.
-        affine: the 4x4 voxel-to-world matrix of the label file (identity for phantoms).
+        affine: the 4x4 voxel-to-world matrix of the label file (identity for phantoms: 1 mm voxels).
     """
 
     name: str
@@ -65,6 +65,12 @@ class Case:
     label: np.ndarray
     brain: np.ndarray
     affine: np.ndarray
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size (mm) along each array axis: the lengths of the affine's first three columns (as
+        the plan's ``spacing_mm``). Distances in the volume metrics (HD95) are measured with it."""
+        return tuple(float(v) for v in np.sqrt((self.affine[:3, :3] ** 2).sum(0)))
 
 
 # ------------------------------------------------------------------------------------------- reading

@@ -7,7 +7,8 @@ What runs where, in the order the modules import each other (each imports only t
   by one-process trials and DDP workers.
 - :mod:`.distributed` runs a trial on several Ray Train DDP workers; :mod:`.trial` is what one trial runs:
   compose the config, then the same ``train(cfg)`` as a single run.
-- :mod:`.child_runs` is the driver-side Tune callback that logs one MLflow child run per trial.
+- :mod:`.child_runs` is the driver-side Tune callback that logs one MLflow child run per trial;
+  :mod:`.repeats` runs each sampled config with ``repeats`` seeds and tags the seeds of one config alike.
 - :mod:`.leaderboard` reads the trials back as a ranked table; :mod:`.plots` draws it; :mod:`.report`
   renders report.html; :mod:`.views` logs every view of a finished sweep to its parent run.
 - :mod:`.runner` wires them into a ``ray.tune.Tuner``.

@@ -3,10 +3,12 @@
 :class:`MLflowSweepCallback` is the driver-side Ray Tune callback that creates and fills every trial's
 child run. Everything is written from the driver process, so concurrent trials never contend for a
 SQLite file, and trials on other nodes are tracked as long as their results and checkpoints reach the
-driver (Ray's storage). Trials stopped early by a scheduler (ASHA) end FINISHED with a
-``deconvlab.stop_reason`` tag. The callback is pickled into Ray's experiment state; after a restore
-it finds its child runs again by tag, so a resumed sweep never duplicates them. The tags it writes and
-:func:`child_runs`, the query that finds the runs again, are what the leaderboard reads.
+driver (Ray's storage). A child run's ``config.yaml`` (and its config params) is the file the trial wrote
+into its first checkpoint folder: the config it really ran, not one composed again here (only a trial that
+never reported a checkpoint gets a recomposed one, tagged as such). Trials stopped early by a scheduler
+(ASHA) end FINISHED with a ``deconvlab.stop_reason`` tag. The callback is pickled into Ray's experiment
+state; after a restore it finds its child runs again by tag, so a resumed sweep never duplicates them. The
+tags it writes and :func:`child_runs`, the query that finds the runs again, are what the leaderboard reads.
 """
 
 from __future__ import annotations
@@ -18,16 +20,20 @@ from typing import Any
 
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
-from ray.tune import Callback
+from omegaconf import OmegaConf
+from ray.tune import Callback, Checkpoint
 
 from deconvlab import tracking
+from deconvlab.errors import UserError
 from deconvlab.sweep.spec import trial_config
-from deconvlab.sweep.trial_callbacks import CHECKPOINT_FILE, EPOCH_KEY, NODE_KEY, SAMPLES_DIR
+from deconvlab.sweep.trial_callbacks import CHECKPOINT_FILE, CONFIG_FILE, EPOCH_KEY, NODE_KEY, SAMPLES_DIR
 
 TRIAL_TAG = "deconvlab.trial_id"
 STOP_REASON_TAG = "deconvlab.stop_reason"
 EPOCHS_TAG = "deconvlab.epochs"
 NODES_TAG = "deconvlab.nodes"
+# Where the child run's config.yaml came from: the trial's own file, or (no checkpoint) composed again.
+CONFIG_SOURCE_TAG = "deconvlab.config_source"
 # Tune's bookkeeping in a result, not the trial's own numbers.
 _TUNE_KEYS = {"timestamp", "time_this_iter_s", "time_total_s", "pid", "training_iteration", "time_since_restore",
               "iterations_since_restore", "done", "checkpoint_dir_name"}
@@ -60,7 +66,7 @@ class MLflowSweepCallback(Callback):
         tracking_uri: the MLflow store.
         experiment_id: experiment holding the parent run.
         parent_run_id: the sweep's parent run.
-        sweep: the sweep spec as a dict (to compose each trial's config for its params).
+        sweep: the sweep spec as a dict (to compose the config of a trial that reported no checkpoint).
         overrides: extra overrides given on the command line.
         max_epochs: a trial that stops before this was stopped early by the scheduler.
     """
@@ -77,6 +83,7 @@ class MLflowSweepCallback(Callback):
         self.latest_is_best: dict[str, bool] = {}
         self.nodes: dict[str, list[str]] = {}
         self.stopped_by_scheduler: set[str] = set()
+        self.configured: set[str] = set()  # trials whose child run has its config.yaml
 
     def __getstate__(self) -> dict[str, Any]:
         # Ray pickles callbacks into its experiment state; a client with open connections does not pickle.
@@ -116,10 +123,27 @@ class MLflowSweepCallback(Callback):
                                      tags={"mlflow.parentRunId": self.parent_run_id, TRIAL_TAG: trial.trial_id,
                                            "deconvlab.sweep": self.sweep["name"]})
         run_id = run.info.run_id
-        cfg = trial_config(self.sweep, trial.config, f"trials/{trial.trial_id}", self.overrides)
-        tracking.log_config(self.client, run_id, cfg)
         tracking.log_params(self.client, run_id, {f"sampled.{k}": str(v) for k, v in trial.config.items()})
         return run_id
+
+    def _log_config(self, trial, text: str | None, source: str) -> None:
+        """Log ``text`` as the child run's ``config.yaml``, and its keys as params: once per trial.
+
+        Only the first config is logged (MLflow params cannot change); a config that PBT mutates later is
+        recorded by the ``hp/*`` metrics.
+        """
+        if text is None or trial.trial_id in self.configured:
+            return
+        run_id = self._run_for(trial)
+        # A restored driver may not remember that it logged the config (its state is a snapshot).
+        if not any(a.path == CONFIG_FILE for a in self.client.list_artifacts(run_id)):
+            self.client.log_text(run_id, text, CONFIG_FILE)
+            tracking.log_params(self.client, run_id, tracking.flatten(OmegaConf.create(text)))
+            self.client.set_tag(run_id, CONFIG_SOURCE_TAG, source)
+            commit = tracking.git_commit()
+            if commit:
+                self.client.set_tag(run_id, "mlflow.source.git.commit", commit)
+        self.configured.add(trial.trial_id)
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         self._run_for(trial)
@@ -139,6 +163,8 @@ class MLflowSweepCallback(Callback):
             # by itself sends no done result to callbacks.
             self.stopped_by_scheduler.add(trial.trial_id)
         self._record_node(trial.trial_id, run_id, result.get(NODE_KEY))
+        if result.get("checkpoint_path"):  # a multi-worker trial's checkpoint, already in Ray's storage
+            self._log_config(trial, _config_in(Checkpoint(result["checkpoint_path"])), "trial")
         value = result.get(self.metric)
         improved = isinstance(value, (int, float)) and math.isfinite(value) and \
             self._is_better(float(value), self.best.get(trial.trial_id, (None,))[0])
@@ -155,7 +181,8 @@ class MLflowSweepCallback(Callback):
         self.client.set_tag(run_id, NODES_TAG, ",".join(self.nodes[trial_id]))
 
     def on_checkpoint(self, iteration: int, trials: list, trial, checkpoint, **info) -> None:
-        """Log the epoch's sample images; remember the folder of the best checkpoint."""
+        """Log the trial's config (first checkpoint) and the epoch's sample images; remember the best folder."""
+        self._log_config(trial, _config_in(checkpoint), "trial")
         folder = Path(checkpoint.path)
         if (folder / SAMPLES_DIR).is_dir():
             self.client.log_artifacts(self._run_for(trial), str(folder / SAMPLES_DIR), SAMPLES_DIR)
@@ -164,6 +191,15 @@ class MLflowSweepCallback(Callback):
 
     def _finish(self, trial, status: str, reason: str) -> None:
         run_id = self._run_for(trial)
+        if trial.trial_id not in self.configured:
+            # A trial that failed (or was stopped) before its first checkpoint wrote no config: the driver
+            # composes it from the same overrides, and the tag says so.
+            try:
+                cfg = trial_config(self.sweep, trial.config, f"trials/{trial.trial_id}", self.overrides)
+                self._log_config(trial, OmegaConf.to_yaml(cfg, resolve=True),
+                                 "recomposed by the sweep driver: the trial reported no checkpoint")
+            except UserError as exc:  # the trial's config does not even compose: that is its error
+                self.client.set_tag(run_id, CONFIG_SOURCE_TAG, f"none: {exc.one_line()}"[:500])
         best = self.best.get(trial.trial_id)
         if best is not None:
             self.client.log_metric(run_id, f"best/{self.metric}", best[0])
@@ -193,6 +229,15 @@ class MLflowSweepCallback(Callback):
         self.client.set_tag(self._run_for(trial), "error", error[:5000])
         last = error.strip().splitlines()[-1][:200] if error.strip() else "error"
         self._finish(trial, "FAILED", f"failed: {last}")
+
+
+def _config_in(checkpoint: Checkpoint) -> str | None:
+    """The ``config.yaml`` a trial wrote into a checkpoint folder (local or on remote storage), if any."""
+    try:
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path.rstrip('/')}/{CONFIG_FILE}") as stream:
+            return stream.read().decode()
+    except OSError:  # FileNotFoundError included: a checkpoint written before trials wrote their config
+        return None
 
 
 def _trial_error(trial) -> str:

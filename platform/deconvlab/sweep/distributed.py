@@ -21,13 +21,14 @@ from deconvlab.train import train
 
 def _worker_loop(config: dict[str, Any]) -> None:
     cfg = OmegaConf.create(config["cfg"])
-    callbacks = [ReportToRay(ray.train.report)]
+    callbacks = []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         cfg.ckpt_path = checkpoint_file(checkpoint)
         callbacks.append(RestoreSampledOptimiserSettings(config["optimiser_settings"]))
-    # Each rank writes its own folder; rank 0's checkpoint and samples are the ones reported.
+    # Each rank writes its own folder; rank 0's checkpoint, samples and config are the ones reported.
     cfg.paths.output_dir = f"{cfg.paths.output_dir}/rank{ray.train.get_context().get_world_rank()}"
+    callbacks.insert(0, ReportToRay(ray.train.report, config=cfg))  # cfg as train() runs it
     train(cfg, callbacks=callbacks,
           trainer_overrides={"strategy": RayDDPStrategy(), "plugins": [RayLightningEnvironment()],
                              "devices": "auto", "use_distributed_sampler": True})

@@ -1,6 +1,8 @@
 """The sweep's pictures, each drawn by one function from the leaderboard (:mod:`.leaderboard`).
 
-``leaderboard.png`` (the table), ``curves.png`` (the metric per epoch of every trial),
+``leaderboard.png`` (the table), ``curves.png`` (the metric per epoch of every trial), with repeats
+``curves_by_config.png`` (each config's mean per epoch with a 95 % band over its seeds),
+``metric_vs_compute.png`` (each trial's best-so-far metric against its cumulative training MACs),
 ``parallel_coordinates.png`` (sampled hyperparameters against the metric) and ``pareto.png`` (the metric
 against each cost, with the Pareto front). Figures are built with matplotlib's object API, not pyplot:
 no global backend or figure registry, so drawing works the same in the sweep driver, in a test and
@@ -18,9 +20,12 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from deconvlab.sweep.leaderboard import cost_axes, pareto_front
+from deconvlab.sweep.leaderboard import cost_axes, pareto_front, seed_stats
 
 DPI = 120
+# What each trial logs per epoch: its cumulative training multiply-accumulates so far.
+COMPUTE_KEY = "compute/train_macs"
+History = dict[str, list[tuple[int, float]]]
 
 
 def _save(fig: Figure, path: Path) -> None:
@@ -30,17 +35,22 @@ def _save(fig: Figure, path: Path) -> None:
 def plot_titles(metric: str) -> dict[str, str]:
     """The plots :func:`render_plots` draws, by file name, with their titles (in the report's order)."""
     return {"curves.png": f"{metric} per epoch, all trials",
+            "curves_by_config.png": f"{metric} per epoch by config: mean over seeds, 95 % band",
+            "metric_vs_compute.png": f"best-so-far {metric} vs training compute",
             "parallel_coordinates.png": "sampled hyperparameters vs metric",
             "pareto.png": "metric vs cost (Pareto front)"}
 
 
-def render_plots(table: pd.DataFrame, histories: dict[str, list[tuple[int, float]]], metric: str, mode: str,
-                 hyperparameters: list[str], folder: Path) -> list[str]:
-    """Draw the curves, the parallel coordinates and (when costs are known) the Pareto front into ``folder``.
+def render_plots(table: pd.DataFrame, trials: pd.DataFrame, histories: History, compute: History, metric: str,
+                 mode: str, hyperparameters: list[str], folder: Path) -> list[str]:
+    """Draw every plot of :func:`plot_titles` that the sweep has data for into ``folder``.
 
     Args:
-        table: the leaderboard (:func:`~.leaderboard.build_leaderboard`), not empty.
+        table: the leaderboard (:func:`~.leaderboard.build_leaderboard`), not empty: one row per trial, or
+            per config (ranked by its ``mean``) for a sweep with repeats.
+        trials: one row per trial (:func:`~.leaderboard.build_trials`), with its ``config``.
         histories: ``metric`` per epoch of every trial (:func:`~.leaderboard.metric_histories`).
+        compute: ``compute/train_macs`` per epoch of the trials that log it (others are left out).
         metric: what the sweep ranks trials by; its leaderboard column is ``best <metric>``.
         mode: "max" or "min".
         hyperparameters: the search space's keys (leaderboard columns).
@@ -49,8 +59,14 @@ def render_plots(table: pd.DataFrame, histories: dict[str, list[tuple[int, float
     Returns:
         The names of the files written, in the order of :func:`plot_titles`.
     """
-    column = f"best {metric}"
+    column = "mean" if "mean" in table.columns else f"best {metric}"
+    configs = trials.groupby("config", sort=False)["trial"].apply(list).to_dict() if "config" in trials else {}
     render_curves(histories, metric, folder / "curves.png")
+    if "mean" in table.columns:
+        render_curves_by_config(histories, configs, metric, folder / "curves_by_config.png")
+    if any(best_so_far_vs_compute(histories.get(t, []), points, mode) for t, points in compute.items()):
+        render_metric_vs_compute(histories, compute, configs if "mean" in table.columns else {}, metric, mode,
+                                 folder / "metric_vs_compute.png")
     render_parallel_coordinates(table, hyperparameters, column, mode, folder / "parallel_coordinates.png")
     if cost_axes(table):
         render_pareto(table, column, mode, folder / "pareto.png")
@@ -62,7 +78,7 @@ def render_table(table: pd.DataFrame, path: Path, title: str) -> None:
     shown = table.drop(columns=["mlflow_run"]).copy()
     for column in shown.columns:
         if shown[column].dtype.kind == "f":
-            shown[column] = shown[column].map(lambda v: f"{v:.4g}")
+            shown[column] = shown[column].map(lambda v: "" if v != v else f"{v:.4g}")
     fig = Figure(figsize=(max(6, 1.6 * len(shown.columns)), 0.45 * (len(shown) + 2)))
     ax = fig.subplots()
     ax.axis("off")
@@ -84,8 +100,76 @@ def render_curves(histories: dict[str, list[tuple[int, float]]], metric: str, pa
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
-    if histories:
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def render_curves_by_config(histories: History, configs: dict[str, list[str]], metric: str, path: Path) -> None:
+    """Each config's ``metric`` per epoch: the mean over its seeds, and a band of the 95 % Student t interval
+    of that mean at the epochs two or more seeds reached (a seed stopped early by ASHA leaves the later ones).
+    """
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    for config, trials in configs.items():
+        per_epoch: dict[int, list[float]] = {}
+        for trial in trials:
+            for epoch, value in histories.get(trial, []):
+                per_epoch.setdefault(epoch, []).append(value)
+        if not per_epoch:
+            continue
+        epochs = sorted(per_epoch)
+        summary = [seed_stats(per_epoch[e]) for e in epochs]
+        line, = ax.plot(epochs, [s.mean for s in summary], marker="o", label=f"{config} (n={len(trials)})")
+        ax.fill_between(epochs, [s.ci_low for s in summary], [s.ci_high for s in summary],
+                        color=line.get_color(), alpha=0.2, lw=0)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"{metric} (mean over seeds, 95 % CI)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, title="config", title_fontsize=7)
+    _save(fig, path)
+
+
+def best_so_far_vs_compute(metric_points: list[tuple[int, float]], compute_points: list[tuple[int, float]],
+                           mode: str) -> list[tuple[float, float]]:
+    """(cumulative training MACs, best metric so far) at every epoch that logged both, in epoch order."""
+    compute = dict(compute_points)
+    points, best = [], None
+    for epoch, value in sorted(metric_points):
+        if not math.isfinite(value):
+            continue
+        best = value if best is None else (max if mode == "max" else min)(best, value)
+        if compute.get(epoch, 0) > 0:
+            points.append((compute[epoch], best))
+    return points
+
+
+def render_metric_vs_compute(histories: History, compute: History, configs: dict[str, list[str]], metric: str,
+                             mode: str, path: Path) -> None:
+    """Each trial's best-so-far ``metric`` against its cumulative training MACs (log axis), so that
+    architectures are compared at an equal budget. Trials without compute metrics are left out; with
+    repeats, the seeds of a config share a colour.
+    """
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    colour_of = {t: f"C{i % 10}" for i, trials in enumerate(configs.values()) for t in trials}
+    labelled: set[str] = set()
+    for i, (trial, points) in enumerate(sorted(compute.items())):
+        curve = best_so_far_vs_compute(histories.get(trial, []), points, mode)
+        if not curve:
+            continue
+        group = next((c for c, trials in configs.items() if trial in trials), trial)
+        label = None if group in labelled else group
+        labelled.add(group)
+        ax.plot(*zip(*curve, strict=True), drawstyle="steps-post", marker="o", ms=3,
+                color=colour_of.get(trial, f"C{i % 10}"), label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("training compute (cumulative multiply-accumulates)")
+    ax.set_ylabel(f"best {metric} so far")
+    ax.grid(alpha=0.3, which="both")
+    if labelled:
+        ax.legend(fontsize=7, title="config" if configs else "trial", title_fontsize=7)
     _save(fig, path)
 
 

@@ -22,8 +22,17 @@ from mlflow.tracking import MlflowClient
 
 from deconvlab.errors import UserError
 from deconvlab.store import CONFIG_FILE, RUN_ID_PATTERN, client_for, get_run, sweep_parent
-from deconvlab.sweep.leaderboard import build_leaderboard, cost_axes, metric_histories, pareto_front, with_costs
-from deconvlab.sweep.plots import plot_titles, render_plots
+from deconvlab.sweep.leaderboard import (
+    CI_LEVEL,
+    TIE_ALPHA,
+    build_leaderboard,
+    build_trials,
+    cost_axes,
+    metric_histories,
+    pareto_front,
+    with_costs,
+)
+from deconvlab.sweep.plots import COMPUTE_KEY, plot_titles, render_plots
 from deconvlab.sweep.trial_callbacks import SAMPLES_DIR
 
 # How many epochs of the best trial's samples the report shows (first, ..., last).
@@ -36,9 +45,12 @@ class SweepReport:
 
     Attributes:
         parent: the sweep's parent run.
-        table: the leaderboard (with cost columns when measured).
+        table: the leaderboard (with cost columns when measured): one row per trial, or per config with
+            repeats (:func:`~.leaderboard.build_leaderboard`).
         metric, mode: what the sweep ranked trials by.
         hyperparameters: the search space's keys (leaderboard columns).
+        trials: one row per trial, with its config id (the same as ``table`` without repeats).
+        repeats: the sweep's seeds per config.
         plots: PNG files by name: ``(title, bytes)``.
         samples: the best trial's sample images: epoch folder -> file name -> PNG bytes.
         best_config: the best trial's resolved config (YAML).
@@ -49,6 +61,8 @@ class SweepReport:
     metric: str
     mode: str
     hyperparameters: list[str]
+    trials: pd.DataFrame = field(default_factory=pd.DataFrame)
+    repeats: int = 1
     plots: dict[str, tuple[str, bytes]] = field(default_factory=dict)
     samples: dict[str, dict[str, bytes]] = field(default_factory=dict)
     best_config: str = ""
@@ -59,8 +73,14 @@ class SweepReport:
         return self.parent.data.params.get("sweep.name", self.parent.info.run_name or "sweep")
 
     @property
+    def grouped(self) -> bool:
+        """Whether the leaderboard has one row per config (a sweep with repeats)."""
+        return "mean" in self.table.columns
+
+    @property
     def metric_column(self) -> str:
-        return f"best {self.metric}"
+        """The column ranking the leaderboard: each config's ``mean`` over seeds, or each trial's value."""
+        return "mean" if self.grouped else f"best {self.metric}"
 
     @property
     def best_run_id(self) -> str | None:
@@ -81,10 +101,11 @@ def find_parent_run(client: MlflowClient, source: str):
     return sweep_parent(client, Path(source).stem if source.endswith((".yaml", ".yml")) else source)
 
 
-def _sweep_settings(parent) -> tuple[str, str, list[str]]:
+def _sweep_settings(parent) -> tuple[str, str, list[str], int]:
     params = parent.data.params
     hyperparameters = sorted(k.removeprefix("search_space.") for k in params if k.startswith("search_space."))
-    return params["sweep.metric"], params.get("sweep.mode", "max"), hyperparameters
+    return params["sweep.metric"], params.get("sweep.mode", "max"), hyperparameters, \
+        int(params.get("sweep.repeats", "1"))
 
 
 def _artifact_text(client: MlflowClient, run_id: str, path: str) -> str:
@@ -111,20 +132,23 @@ def best_samples(client: MlflowClient, run_id: str,
 
 
 def _plots(client: MlflowClient, report: SweepReport) -> dict[str, tuple[str, bytes]]:
-    """Curves, parallel coordinates and Pareto front as PNG files, rendered from the leaderboard."""
+    """Every plot of :func:`~.plots.plot_titles` the sweep has data for, as PNG files."""
     titles = plot_titles(report.metric)
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder)
-        histories = metric_histories(client, report.table, report.metric)
-        names = render_plots(report.table, histories, report.metric, report.mode, report.hyperparameters, out)
+        histories = metric_histories(client, report.trials, report.metric)
+        compute = metric_histories(client, report.trials, COMPUTE_KEY)  # none for runs from before it existed
+        names = render_plots(report.table, report.trials, histories, compute, report.metric, report.mode,
+                             report.hyperparameters, out)
         return {name: (titles[name], (out / name).read_bytes()) for name in names}
 
 
 def load_report(client: MlflowClient, parent) -> SweepReport:
     """Read a sweep's leaderboard, costs, histories and best samples from MLflow and render its plots."""
-    metric, mode, hyperparameters = _sweep_settings(parent)
-    table = build_leaderboard(client, parent.info.experiment_id, parent.info.run_id, metric, mode)
-    report = SweepReport(parent, with_costs(client, table), metric, mode, hyperparameters)
+    metric, mode, hyperparameters, repeats = _sweep_settings(parent)
+    trials = with_costs(client, build_trials(client, parent.info.experiment_id, parent.info.run_id, metric, mode))
+    report = SweepReport(parent, build_leaderboard(trials, metric, mode, repeats), metric, mode, hyperparameters,
+                         trials, repeats)
     if report.best_run_id is None:
         return report
     report.plots = _plots(client, report)
@@ -139,6 +163,7 @@ body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; 
 table { border-collapse: collapse; font-size: 0.85em; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
 th { background: #f0f0f0; } tr.best td { background: #fff6d5; font-weight: 600; }
+tr.tied td { background: #eef6ee; }
 td.pareto { color: #b00; } img { max-width: 100%; border: 1px solid #ddd; }
 figure { margin: 1em 0; } figure.sample img { height: 160px; image-rendering: pixelated; }
 figcaption { font-size: 0.9em; color: #555; } .samples { display: flex; flex-wrap: wrap; gap: 0 1.5em; }
@@ -176,20 +201,37 @@ def _pareto_marks(report: SweepReport) -> list[bool]:
     return pareto_front(costs, values, report.mode)
 
 
-def leaderboard_html(report: SweepReport) -> str:
-    """The leaderboard as an HTML table; the best trial highlighted, Pareto-optimal trials marked."""
-    table = report.table
-    axes = cost_axes(table)
+def _table_html(table: pd.DataFrame, table_id: str, pareto: list[bool] | None = None,
+                axis: str = "") -> str:
+    """A table of runs: the first row highlighted, rows tied with the best shaded, Pareto marks if given."""
     columns = [c for c in table.columns if c != "mlflow_run"] + ["run"]
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
-    pareto_head = f"<th>Pareto ({html.escape(axes[0])})</th>" if axes else ""
+    pareto_head = f"<th>Pareto ({html.escape(axis)})</th>" if pareto is not None else ""
     rows = []
-    for i, (row, on_front) in enumerate(zip(table.to_dict("records"), _pareto_marks(report), strict=True)):
+    for i, row in enumerate(table.to_dict("records")):
         cells = "".join(f"<td>{_cell(row[c])}</td>" for c in columns[:-1])
         cells += f"<td><code>{html.escape(str(row['mlflow_run']))[:8]}</code></td>"
-        mark = f'<td class="pareto">{"&#9733;" if on_front else ""}</td>' if axes else ""
-        rows.append(f'<tr class="{"best" if i == 0 else ""}">{cells}{mark}</tr>')
-    return f'<table id="leaderboard"><tr>{head}{pareto_head}</tr>{"".join(rows)}</table>'
+        mark = f'<td class="pareto">{"&#9733;" if pareto[i] else ""}</td>' if pareto is not None else ""
+        kind = "best" if i == 0 else "tied" if bool(row.get("tied_with_best", False)) else ""
+        rows.append(f'<tr class="{kind}">{cells}{mark}</tr>')
+    return f'<table id="{table_id}"><tr>{head}{pareto_head}</tr>{"".join(rows)}</table>'
+
+
+def leaderboard_html(report: SweepReport) -> str:
+    """The leaderboard as an HTML table; the best trial (or config) highlighted, configs tied with it
+    shaded, Pareto-optimal rows marked."""
+    axes = cost_axes(report.table)
+    return _table_html(report.table, "leaderboard", _pareto_marks(report) if axes else None,
+                       axes[0] if axes else "")
+
+
+def statistics_note(metric: str) -> str:
+    """What the columns of a leaderboard grouped by config mean (the terminal and report.html say it)."""
+    return (f"One row per config. mean, std: over the config's n seeds, of each seed's best {metric}. "
+            f"ci_low, ci_high: the {CI_LEVEL:.0%} Student t interval of that mean (blank when n = 1). "
+            f"tied_with_best: not distinguishable from the config with the best mean by Welch's t-test, "
+            f"one-sided in the metric's direction, at alpha = {TIE_ALPHA:g} (true when either has n < 2). "
+            "trial, run and the cost columns are the config's best seed's.")
 
 
 def _meta(report: SweepReport) -> str:
@@ -199,7 +241,9 @@ def _meta(report: SweepReport) -> str:
              "started": started, "ranked by": f"{report.metric} ({report.mode})",
              "search space": ", ".join(f"{k} = {params[f'search_space.{k}']}"
                                        for k in report.hyperparameters),
-             "trials": str(len(report.table)), "best run": report.best_run_id or "none"}
+             "trials": str(len(report.trials) if len(report.trials) else len(report.table)),
+             **({"configs": f"{len(report.table)} x {report.repeats} seeds"} if report.grouped else {}),
+             "best run": report.best_run_id or "none"}
     return '<table class="meta">' + "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>"
                                            for k, v in items.items()) + "</table>"
 
@@ -210,6 +254,8 @@ def render_html(report: SweepReport) -> str:
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>deconvlab sweep {name}</title>",
              f"<style>{STYLE}</style></head><body>", f"<h1>Sweep {name}</h1>", _meta(report),
              "<h2>Leaderboard</h2>", leaderboard_html(report),
+             *([f"<p>{html.escape(statistics_note(report.metric))}</p>", "<h2>Trials</h2>",
+                _table_html(report.trials, "trials")] if report.grouped else []),
              "<p>MACs/px: multiply-accumulates of one forward pass per input pixel (convolutions and matrix "
              "products; FFTs are not counted). Latency: median of 5 forward passes on one validation input, "
              "measured in the sweep driver.</p>"]

@@ -20,10 +20,11 @@ from ray.tune.search.optuna import OptunaSearch
 from deconvlab import tracking
 from deconvlab.config import compose_config
 from deconvlab.errors import UserError, first_line
-from deconvlab.sweep.child_runs import MLflowSweepCallback, close_open_children
+from deconvlab.sweep.child_runs import close_open_children
+from deconvlab.sweep.repeats import RepeatsSweepCallback, param_space, search_settings
 from deconvlab.sweep.spec import SweepSpec, load_sweep, validate
 from deconvlab.sweep.trial import run_trial
-from deconvlab.sweep.views import log_sweep_views, print_leaderboard
+from deconvlab.sweep.views import config_stats, log_sweep_views, print_leaderboard
 
 DEFAULT_STORAGE = "ray_results"
 RAY_PATH_TAG = "deconvlab.ray_experiment_path"
@@ -129,6 +130,7 @@ def latest_experiment(storage: str, spec: SweepSpec) -> str:
 def _log_parent(client, run_id: str, spec: SweepSpec, overrides: Sequence[str], path: str) -> None:
     params = {"sweep.name": spec.name, "sweep.experiment": spec.experiment, "sweep.metric": spec.metric,
               "sweep.mode": spec.mode, "sweep.num_samples": str(spec.num_samples),
+              "sweep.repeats": str(spec.repeats),
               "sweep.workers_per_trial": str(spec.workers_per_trial), "sweep.overrides": " ".join(overrides),
               **{f"sweep.scheduler.{k}": str(v) for k, v in spec.scheduler.items()},
               **{f"sweep.search.{k}": str(v) for k, v in spec.search.items()},
@@ -149,24 +151,32 @@ def _find_parent(client, experiment: str, path: str) -> str:
 
 
 def _record_best(client: MlflowClient, run_id: str, table: pd.DataFrame, metric: str) -> None:
-    """Tag the parent run with the best trial and its run; log the best value of the metric."""
+    """Tag the parent run with the best trial and its run; log the best value of the metric.
+
+    With repeats the best trial is the best seed of the config with the best mean; that config's id and
+    statistics over seeds (``config/<stat>/<metric>``) go to the parent too.
+    """
     if len(table):
         best = table.iloc[0]
         client.set_tag(run_id, "deconvlab.best_trial", best["trial"])
         client.set_tag(run_id, "deconvlab.best_run_id", best["mlflow_run"])
         client.log_metric(run_id, f"best/{metric}", float(best[f"best {metric}"]))
+        if "mean" in table.columns:
+            client.set_tag(run_id, "deconvlab.best_config", best["config"])
+            for key, value in config_stats(best, metric).items():
+                client.log_metric(run_id, key, value)
 
 
-def _build_tuner(spec, trainable, storage, run_name, callback, scheduler, searcher, quiet, restore_path):
-    param_space = {k: d.to_tune() for k, d in spec.search_space.items()}
+def _build_tuner(spec, trainable, storage, run_name, callback, scheduler, searcher, quiet, restore_path,
+                 base_seed):
+    space = param_space(spec, base_seed)
     if restore_path:
         return tune.Tuner.restore(restore_path, trainable, resume_unfinished=True, resume_errored=True,
-                                  param_space=param_space)
+                                  param_space=space)
     return tune.Tuner(
-        trainable, param_space=param_space,
-        tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler, search_alg=searcher,
-                                    num_samples=spec.num_samples,
-                                    max_concurrent_trials=spec.max_concurrent_trials or None,
+        trainable, param_space=space,
+        tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler,
+                                    **search_settings(spec, searcher, base_seed),
                                     # A fresh actor per trial re-imports torch and Lightning (seconds each).
                                     reuse_actors=True),
         run_config=tune.RunConfig(
@@ -224,14 +234,14 @@ def run_sweep(name_or_path: str, overrides: Sequence[str] = (), address: str | N
         if not restore_path:
             _log_parent(client, parent_id, spec, overrides, path)
         sweep_dict = spec.to_dict()
-        callback = MLflowSweepCallback(uri, experiment_id, parent_id, sweep_dict, overrides,
-                                       int(base.trainer.max_epochs))
+        callback = RepeatsSweepCallback(uri, experiment_id, parent_id, sweep_dict, overrides,
+                                        int(base.trainer.max_epochs), base_seed=int(base.seed))
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, sweep=sweep_dict, extra_overrides=overrides, storage_path=storage),
             _trial_resources(spec))
         try:
             _build_tuner(spec, trainable, storage, run_name, callback, scheduler, searcher, quiet,
-                         restore_path).fit()
+                         restore_path, int(base.seed)).fit()
         except BaseException as exc:
             close_open_children(client, experiment_id, parent_id, tracking.status_for(exc))
             raise

@@ -11,7 +11,8 @@ A sweep file looks like::
       model.width: choice([16, 32])
     scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
     search: {type: random}              # random | grid | optuna
-    num_samples: 6
+    num_samples: 6                      # sampled configs
+    repeats: 1                          # seeds per config (seed, seed+1, ...): num_samples x repeats trials
     max_concurrent_trials: 2
     resources: {cpu: 1, gpu: 0}
     workers_per_trial: 1
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import ast
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,8 @@ from deconvlab.errors import UserError, first_line
 DISTRIBUTIONS = ("choice", "grid", "uniform", "quniform", "loguniform", "qloguniform", "randint", "qrandint")
 SCHEDULERS = ("fifo", "asha", "pbt")
 SEARCHERS = ("random", "grid", "optuna")
+# The config key a sweep with ``repeats: N`` sets per trial: the base config's seed + the repeat's index.
+SEED_KEY = "seed"
 _CALL = re.compile(r"^\s*([a-z_]+)\s*\((.*)\)\s*$", re.DOTALL)
 
 
@@ -119,6 +123,7 @@ class SweepSpec:
     resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
     workers_per_trial: int = 1
     max_failures: int = 0
+    repeats: int = 1
     smoke_test: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -133,6 +138,7 @@ class SweepSpec:
         spec = SweepSpec(**{**asdict(self), "search_space": self.search_space})
         spec.overrides = [*self.overrides, *smoke.get("overrides", ["debug=smoke"])]
         spec.num_samples = int(smoke.get("num_samples", min(self.num_samples, 3)))
+        spec.repeats = int(smoke.get("repeats", self.repeats))
         if "scheduler" in smoke:
             spec.scheduler = {**self.scheduler, **smoke["scheduler"]}
         # A smoke test may narrow dimensions (e.g. small kernels only), never add new ones.
@@ -175,7 +181,11 @@ def trial_config(sweep: dict[str, Any], sampled: dict[str, Any], output_dir: str
         extra: Hydra overrides given on the command line, for every trial.
     """
     spec = SweepSpec.from_dict(sweep)
-    overrides = [*spec.trial_overrides(sampled), *extra, "logger=none", f"paths.output_dir={output_dir}"]
+    # A repeat's seed goes last: a `seed=` on the command line is the base its repeats count from
+    # (:func:`.repeats.repeat_seeds`), and must not give every repeat the same seed.
+    sampled = dict(sampled)
+    seed = [f"{SEED_KEY}={sampled.pop(SEED_KEY)}"] if spec.repeats > 1 and SEED_KEY in sampled else []
+    overrides = [*spec.trial_overrides(sampled), *extra, *seed, "logger=none", f"paths.output_dir={output_dir}"]
     return compose_config(overrides)
 
 
@@ -197,8 +207,8 @@ def resolve_sweep_path(name_or_path: str) -> Path:
 
 
 REQUIRED = ("experiment", "metric", "mode", "search_space")
-KNOWN_KEYS = {*REQUIRED, "overrides", "scheduler", "search", "num_samples", "max_concurrent_trials", "resources",
-              "workers_per_trial", "max_failures", "smoke_test", "description"}
+KNOWN_KEYS = {*REQUIRED, "overrides", "scheduler", "search", "num_samples", "repeats", "max_concurrent_trials",
+              "resources", "workers_per_trial", "max_failures", "smoke_test", "description"}
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:
@@ -241,7 +251,8 @@ def _check_keys(data: dict[str, Any], path: Path) -> None:
 
 
 # Keys holding a whole number, with their smallest valid value (max_failures=-1: retry without limit).
-INTEGER_KEYS = {"num_samples": 1, "max_concurrent_trials": 0, "workers_per_trial": 1, "max_failures": -1}
+INTEGER_KEYS = {"num_samples": 1, "repeats": 1, "max_concurrent_trials": 0, "workers_per_trial": 1,
+                "max_failures": -1}
 MAPPING_KEYS = ("scheduler", "search", "resources", "smoke_test", "search_space")
 
 
@@ -281,16 +292,44 @@ def load_sweep(name_or_path: str) -> SweepSpec:
         max_concurrent_trials=int(data.get("max_concurrent_trials", 0)),
         resources={k: float(v) for k, v in resources.items()},
         workers_per_trial=int(data.get("workers_per_trial", 1)), max_failures=int(data.get("max_failures", 0)),
+        repeats=int(data.get("repeats", 1)),
         smoke_test=dict(data.get("smoke_test") or {}), raw=data)
+
+
+def check_overrides_leave_samples(spec: SweepSpec, overrides: Sequence[str]) -> None:
+    """Refuse a command-line override of a key the search space samples: it comes after the sampled value
+    in every trial's overrides, so it would silently replace it.
+
+    ``+key=``, ``++key=`` and ``~key`` override ``key`` too, and so does a value for a key above a sampled
+    one (``data.degradation={...}`` when ``data.degradation.noise_sigma`` is sampled). A config group
+    choice (``model=other`` when ``model.width`` is sampled) is allowed: it picks the config the sampled
+    value lands in, the sampled value still applies, and :func:`validate` checks each value composes.
+
+    Raises:
+        UserError: naming the first overridden key.
+    """
+    groups = set(config_groups())
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~").split("@", 1)[0].strip()
+        for sampled in spec.search_space:
+            if key == sampled or (sampled.startswith(f"{key}.") and key not in groups):
+                held = "" if key == sampled else f" (it holds {sampled})"
+                raise UserError(f"{key} is sampled by the sweep's search space{held}: the override {override!r} "
+                                "would override every trial's sampled value", spec.path,
+                                "drop the override or edit search_space")
 
 
 def validate(spec: SweepSpec, extra_overrides: list[str] = ()) -> None:
     """Check against the real config, before anything starts: keys exist, values compose, metric is reported.
 
     Raises:
-        UserError: a search key that is not in the config, a value that does not compose, or a metric
-        that the experiment's task never reports.
+        UserError: a search key that is not in the config, a value that does not compose, a metric
+        that the experiment's task never reports, or an override of a sampled key.
     """
+    check_overrides_leave_samples(spec, extra_overrides)
+    if spec.repeats > 1 and SEED_KEY in spec.search_space:
+        raise UserError(f"repeats: {spec.repeats} sets the seed of every trial, and search_space samples it too",
+                        f"{spec.path}: repeats", f"remove search_space.{SEED_KEY}, or set repeats: 1")
     base = compose_config([*spec.trial_overrides({}), *extra_overrides])
     for key in spec.search_space:
         if OmegaConf.select(base, key, default="__missing__") == "__missing__":

@@ -2,8 +2,9 @@
 
 Trials never write to MLflow (concurrent SQLite writers lock each other out, and a trial on another
 node may not reach the store): they report metrics and a checkpoint folder to Ray, and the sweep
-driver's callback logs the child runs. The checkpoint folder carries the epoch's sample images too, so
-they reach the driver through Ray's storage wherever the trial ran.
+driver's callback logs the child runs. The checkpoint folder carries the epoch's sample images and the
+config the trial ran (``config.yaml``, resolved), so they reach the driver through Ray's storage wherever
+the trial ran: the child run's config is the trial's own, not one the driver composed again.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def run_trial(sampled: dict[str, Any], sweep: dict[str, Any], extra_overrides: l
         fit_with_ray_train(cfg, workers, sweep["resources"], context.get_trial_name(), storage_path,
                            sampled_optimiser_settings(sampled))
         return
-    callbacks: list[pl.Callback] = [ReportToRay(tune.report, resumed)]
+    callbacks: list[pl.Callback] = [ReportToRay(tune.report, resumed, config=cfg)]
     if cfg.ckpt_path:
         callbacks.append(RestoreSampledOptimiserSettings(sampled_optimiser_settings(sampled)))
     train(cfg, callbacks=callbacks)

@@ -2,7 +2,8 @@
 
 A trial (:mod:`.trial`) and the Ray Train workers of a multi-worker trial (:mod:`.distributed`) run the
 same ``train(cfg)`` with these Lightning callbacks: :class:`ReportToRay` sends each validation's metrics
-and a checkpoint folder (holding the epoch's sample images) to Ray, and
+(with the training compute so far) and a checkpoint folder (holding the trial's resolved ``config.yaml`` and
+the epoch's sample images) to Ray, and
 :class:`RestoreSampledOptimiserSettings` keeps a resumed trial's own optimiser settings. The names of
 what they report are here too, for the driver (:mod:`.child_runs`) and the sweep report to read back.
 """
@@ -19,10 +20,15 @@ from typing import Any
 import pytorch_lightning as pl
 import ray
 import torch
+from omegaconf import DictConfig, OmegaConf
 from ray.tune import Checkpoint
 
-# The Lightning checkpoint inside every Ray checkpoint folder, and the sample images beside it.
+from deconvlab.callbacks import training_compute
+
+# The Lightning checkpoint inside every Ray checkpoint folder, the config the trial ran and the sample
+# images beside it.
 CHECKPOINT_FILE = "checkpoint.ckpt"
+CONFIG_FILE = "config.yaml"
 SAMPLES_DIR = "samples"
 # Keys added to every report so the driver can tell how far a trial got, and where it ran.
 EPOCH_KEY = "epoch"
@@ -42,14 +48,21 @@ def checkpoint_file(checkpoint: Checkpoint) -> str:
 class ReportToRay(pl.Callback):
     """After each validation: report the scalar metrics and a checkpoint folder to Ray.
 
+    The metrics include the ``compute/*`` totals of the trainer's ``TrainingCompute`` callback; the folder
+    holds the Lightning checkpoint, the epoch's sample images and, with ``config``, the resolved config
+    as ``config.yaml``: the sweep driver logs that file as the child run's config.
+
     Args:
         report: ``ray.tune.report`` for a single-worker trial, ``ray.train.report`` inside Ray Train
             workers (every rank must call it; rank 0 attaches the checkpoint).
         extra: constant values added to every report (``resumed_from_epoch`` after a restart).
+        config: the config given to ``train(cfg)`` with this callback (resolved here, once).
     """
 
-    def __init__(self, report: Callable[..., None], extra: dict[str, float] | None = None) -> None:
+    def __init__(self, report: Callable[..., None], extra: dict[str, float] | None = None,
+                 config: DictConfig | None = None) -> None:
         self.report, self.extra = report, dict(extra or {})
+        self.config_yaml = OmegaConf.to_yaml(config, resolve=True) if config is not None else None
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -58,12 +71,15 @@ class ReportToRay(pl.Callback):
                    if isinstance(v, torch.Tensor) and v.numel() == 1}
         metrics[EPOCH_KEY] = trainer.current_epoch + 1
         metrics[NODE_KEY] = _node_id()
+        metrics.update(training_compute(trainer))  # every rank: summing over ranks is a collective
         metrics.update(self.extra)
         with tempfile.TemporaryDirectory() as folder:
             trainer.save_checkpoint(os.path.join(folder, CHECKPOINT_FILE))
             samples = Path(trainer.default_root_dir) / SAMPLES_DIR / f"epoch_{trainer.current_epoch:03d}"
             if trainer.is_global_zero and samples.is_dir():
                 shutil.copytree(samples, Path(folder) / SAMPLES_DIR / samples.name)
+            if trainer.is_global_zero and self.config_yaml is not None:
+                (Path(folder) / CONFIG_FILE).write_text(self.config_yaml)
             checkpoint = Checkpoint.from_directory(folder) if trainer.is_global_zero else None
             self.report(metrics, checkpoint=checkpoint)
 

@@ -3,10 +3,16 @@
 At the end of a sweep, :func:`log_sweep_views` measures every trial's cost (parameters, MACs per pixel,
 latency: :mod:`deconvlab.cost`) into its child run, then logs to the parent run:
 
-- ``leaderboard/``: ``leaderboard.csv``, ``leaderboard.html``, ``leaderboard.png`` (the table),
-  ``curves.png``, ``parallel_coordinates.png`` and, when costs are known, ``pareto.png`` (:mod:`.plots`);
+- ``leaderboard/``: ``leaderboard.csv``, ``leaderboard.html``, ``leaderboard.png`` (the table: one row per
+  trial, or per config with its mean, std, n, ci_low, ci_high and tied_with_best over seeds for a sweep with
+  repeats, whose trials are then in ``trials.csv``), ``curves.png``, ``curves_by_config.png`` (repeats),
+  ``metric_vs_compute.png`` (trials that log ``compute/train_macs``), ``parallel_coordinates.png`` and,
+  when costs are known, ``pareto.png`` (:mod:`.plots`);
 - ``best_trial/samples/``: the best trial's sample images at up to three epochs;
 - ``report.html``: all of it on one self-contained page (:mod:`.report`).
+
+With repeats, every trial's run also gets its config's statistics as ``config/<stat>/<metric>`` metrics
+(:func:`deconvlab.promote.config_stat_key`): what ``deconvlab promote`` reads, and sortable in the MLflow UI.
 
 :func:`print_leaderboard` shows the table on the terminal. Each picture is rendered once, by
 :func:`~.report.load_report`, and the same bytes go to both the ``leaderboard/`` folder and report.html.
@@ -14,18 +20,23 @@ latency: :mod:`deconvlab.cost`) into its child run, then logs to the parent run:
 
 from __future__ import annotations
 
+import math
 import tempfile
+import time
 from pathlib import Path
 
 import pandas as pd
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 from rich.table import Table
 
 from deconvlab.cost import trial_costs
+from deconvlab.promote import config_stat_key
 from deconvlab.sweep.child_runs import child_runs
+from deconvlab.sweep.leaderboard import STAT_COLUMNS
 from deconvlab.sweep.plots import render_table
-from deconvlab.sweep.report import SweepReport, load_report, render_html
+from deconvlab.sweep.report import SweepReport, load_report, render_html, statistics_note
 from deconvlab.sweep.trial_callbacks import SAMPLES_DIR
 
 LEADERBOARD_DIR = "leaderboard"
@@ -49,6 +60,8 @@ def log_sweep_views(client: MlflowClient, parent_run_id: str) -> pd.DataFrame:
     if children:
         trial_costs(client, [run.info.run_id for run in children])
     report = load_report(client, parent)
+    if report.grouped:
+        _log_config_stats(client, report)
     with tempfile.TemporaryDirectory() as folder:
         board, samples = Path(folder) / LEADERBOARD_DIR, Path(folder) / SAMPLES_DIR
         _write_leaderboard(report, board)
@@ -61,11 +74,28 @@ def log_sweep_views(client: MlflowClient, parent_run_id: str) -> pd.DataFrame:
     return report.table
 
 
+def config_stats(row: pd.Series, metric: str) -> dict[str, float]:
+    """A leaderboard row's statistics over seeds as ``config/<stat>/<metric>`` metrics (finite ones)."""
+    values = {config_stat_key(stat, metric): float(row[stat]) for stat in STAT_COLUMNS}
+    return {k: v for k, v in values.items() if math.isfinite(v)}
+
+
+def _log_config_stats(client: MlflowClient, report: SweepReport) -> None:
+    """Every trial's run gets the statistics of its config over seeds (the same for all its seeds)."""
+    now = int(time.time() * 1000)
+    by_config = {row["config"]: config_stats(row, report.metric) for _, row in report.table.iterrows()}
+    for _, trial in report.trials.iterrows():
+        metrics = by_config.get(trial["config"], {})
+        client.log_batch(trial["mlflow_run"], metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+
+
 def _write_leaderboard(report: SweepReport, folder: Path) -> None:
     """The table as CSV, HTML and PNG, and the plots the report rendered, into ``folder``."""
     folder.mkdir()
     table = report.table
     table.to_csv(folder / "leaderboard.csv", index=False)
+    if report.grouped:
+        report.trials.to_csv(folder / "trials.csv", index=False)
     table.to_html(folder / "leaderboard.html", index=False, float_format=lambda v: f"{v:.4g}")
     if len(table):  # an empty table has no columns to draw
         render_table(table, folder / "leaderboard.png", f"{report.name}: {report.metric} ({report.mode})")
@@ -93,7 +123,9 @@ def print_leaderboard(table: pd.DataFrame, sweep: str, metric: str, mode: str, t
     for column in table.columns:
         shown.add_column(str(column))
     for _, row in table.iterrows():
-        shown.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
+        shown.add_row(*(("" if v != v else f"{v:.4g}") if isinstance(v, float) else str(v) for v in row))
     console = Console(width=200)
     console.print(shown)
+    if "tied_with_best" in table.columns:
+        console.print(statistics_note(metric))
     console.print(f"compare runs in the MLflow UI: deconvlab ui   (store: {tracking_uri})")

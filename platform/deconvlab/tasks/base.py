@@ -3,6 +3,12 @@
 A task is a LightningModule that wraps any ``nn.Module`` of its family. Subclasses say how to get
 the model input and the loss from a batch (:meth:`step`), which metrics to update (:meth:`update_metrics`)
 and how to draw a few samples (:meth:`render_samples`).
+
+Per-item results: with ``task.record_items = True`` (off by default, so training pays nothing) every
+validation/test epoch fills ``task.item_rows``, one dict per image (per case for the volumetric task):
+``item`` (the batch's ``name``/``case`` entry, else the item's position in evaluation order as
+``"00000"``), then each per-item metric under its logged key (``val/psnr``, ...). ``item_aggregates()``
+says how each logged figure follows from those rows (docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -21,6 +27,13 @@ from deconvlab.perf import to_channels_last
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., Any]
+# How a logged figure follows from the per-item rows (BaseTask.item_aggregates):
+#   "mean": the mean of the column over the rows that have a value (NaN = the item has none);
+#   "sum": the column's sum (a count of items);
+#   "pooled": computed from counts summed over the split (e.g. mIoU from the split's confusion matrix),
+#             so not a function of the rows' values.
+AGGREGATES = ("mean", "sum", "pooled")
+ITEM_KEYS = ("name", "case")  # batch entries that name its items
 
 
 class BaseTask(pl.LightningModule):
@@ -60,6 +73,8 @@ class BaseTask(pl.LightningModule):
         self.channels_last = False  # set by deconvlab.perf.apply_perf (config perf.channels_last)
         self.rendered_samples: dict[str, np.ndarray] = {}
         self.num_params = sum(p.numel() for p in model.parameters())
+        self.record_items = False  # set by whoever wants per-item rows (evaluate --per-item, compare)
+        self.item_rows: list[dict[str, Any]] = []
 
     # -- what subclasses provide -------------------------------------------------------------
     def build_metrics(self) -> MetricCollection:
@@ -80,11 +95,38 @@ class BaseTask(pl.LightningModule):
         """Images (H x W or H x W x 3, uint8) to log, keyed by a short file-safe name."""
         return {}
 
+    def item_aggregates(self) -> dict[str, str]:
+        """Per key of :attr:`item_rows`: how its logged figure follows from the rows ("mean", "sum" or
+        "pooled", see :data:`AGGREGATES`)."""
+        return {}
+
+    # -- per-item rows -----------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self.item_rows = []
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def record(self, batch: dict[str, Any], values: dict[str, torch.Tensor]) -> None:
+        """Append one row per item of ``batch`` to :attr:`item_rows` (when :attr:`record_items` is on).
+
+        Args:
+            batch: the batch the values are of (its ``name`` or ``case`` entry names the items).
+            values: full logged key (``val/psnr``) -> ``[B]`` per-item values (NaN: the item has none).
+        """
+        if not self.record_items or not values:
+            return
+        columns = {k: v.detach().double().cpu().tolist() for k, v in values.items()}
+        count = len(next(iter(columns.values())))
+        names = item_names(batch, len(self.item_rows), count)
+        self.item_rows += [{"item": names[i], **{k: column[i] for k, column in columns.items()}}
+                           for i in range(count)]
+
     # -- the loop ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def _in_model_layout(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def in_model_layout(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch in the memory layout the model runs in (channels-last when ``perf.channels_last``)."""
         if not self.channels_last:
             return batch
         # Inputs in the weights' layout: a convolution with channels-last weights and NCHW input would
@@ -92,7 +134,7 @@ class BaseTask(pl.LightningModule):
         return {k: to_channels_last(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, _ = self.step(self._in_model_layout(batch))
+        loss, _ = self.step(self.in_model_layout(batch))
         self._accumulate_train_loss(loss.detach(), self.batch_size_of(batch))
         # self.log costs ~0.5 ms of bookkeeping a call (more than a small model's whole step), so the step
         # value is handed to Lightning only on the steps it writes to the loggers. Never on the progress
@@ -125,7 +167,7 @@ class BaseTask(pl.LightningModule):
         self.log("train/loss", mean, on_step=False, on_epoch=True, logger=False)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        batch = self._in_model_layout(batch)
+        batch = self.in_model_layout(batch)
         loss, output = self.step(batch)
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True,
                  batch_size=self.batch_size_of(batch))
@@ -193,6 +235,16 @@ class BaseTask(pl.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
+
+
+def item_names(batch: dict[str, Any], first: int, count: int) -> list[str]:
+    """The ids of a batch's items: its ``name`` (or ``case``) entries, else their positions
+    ``first, first + 1, ...`` in evaluation order as five-digit strings."""
+    given = next((batch[k] for k in ITEM_KEYS if k in batch), None)
+    if given is None:
+        return [f"{first + i:05d}" for i in range(count)]
+    values = given.tolist() if isinstance(given, torch.Tensor) else list(given)
+    return [str(v) for v in values]
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:

@@ -23,13 +23,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassJaccardIndex
 
-from deconvlab.boxes import BOX_METRIC_NAMES, BoxMetrics, draw_box, generalized_box_iou, true_boxes
+from deconvlab.boxes import BOX_METRIC_NAMES, BoxMetrics, box_scores, draw_box, generalized_box_iou, true_boxes
 from deconvlab.models import list_models
 from deconvlab.models.localisation import split_output
 from deconvlab.tasks.base import BaseTask, side_by_side, to_uint8
-from deconvlab.tasks.segmentation import SegmentationTask, adopt_datamodule_palette, default_palette
+from deconvlab.tasks.segmentation import (
+    PresentClassScores,
+    SegmentationTask,
+    adopt_datamodule_palette,
+    class_scores,
+    confusion_counts,
+    default_palette,
+)
 
 SMOOTH_L1_BETA = 0.02  # normalised units: quadratic within 2 % of the image side, L1 beyond
 TRUTH_COLOUR = (255, 255, 255)
@@ -61,9 +67,10 @@ class LocalisationTask(BaseTask):
     """Class + box per image: cross-entropy plus box regression; accuracy, box IoU, accuracy at IoU 0.5.
 
     Metrics (``val/``): ``accuracy`` (class right), ``box_iou`` (mean IoU of predicted and true box),
-    ``acc_iou50`` (class right **and** IoU >= 0.5: a correct localisation), and, when the batch has a
-    ``mask`` and ``background_class`` is set, ``miou``: the predicted box filled with the predicted class
-    on the background class, scored per pixel like a segmentation.
+    ``acc_iou50`` (class right **and** IoU >= 0.5: a correct localisation), means over the images with an
+    object of interest; and, when the batch has a ``mask`` and ``background_class`` is set, ``miou``: the
+    predicted box filled with the predicted class on the background class, scored per pixel like a
+    segmentation (the split's present-class mIoU, :func:`deconvlab.tasks.segmentation.class_scores`).
 
     Args:
         num_classes: classes the model scores.
@@ -93,12 +100,15 @@ class LocalisationTask(BaseTask):
     def build_metrics(self) -> MetricCollection:
         metrics: dict[str, nn.Module] = {"box": BoxMetrics(self.ignore_index)}
         if self.background_class is not None:
-            metrics["miou"] = MulticlassJaccardIndex(self.num_classes, average="macro",
-                                                     ignore_index=self.ignore_index)
+            metrics["miou"] = PresentClassScores(self.num_classes, self.ignore_index, names=("miou",))
         return MetricCollection(metrics)
 
     def val_metric_names(self) -> list[str]:
         return [*BOX_METRIC_NAMES, *(["miou"] if self.background_class is not None else [])]
+
+    def item_aggregates(self) -> dict[str, str]:
+        means = {f"val/{name}": "mean" for name in BOX_METRIC_NAMES}
+        return means | ({"val/miou": "pooled"} if self.background_class is not None else {})
 
     def input_of(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return batch["image"]
@@ -122,10 +132,17 @@ class LocalisationTask(BaseTask):
         true_boxes, labels = self.targets_of(batch)
         predicted = logits.argmax(dim=1)
         self.val_metrics["box"].update(boxes, predicted, true_boxes, labels)
+        values = {}
         if "miou" in self.val_metrics and "mask" in batch:
             height, width = batch["mask"].shape[-2:]
-            self.val_metrics["miou"].update(box_to_mask(boxes, predicted, height, width, self.background_class),
-                                            batch["mask"])
+            as_mask = box_to_mask(boxes, predicted, height, width, self.background_class)
+            self.val_metrics["miou"].update(as_mask, batch["mask"])
+            if self.record_items:
+                per_image = confusion_counts(as_mask, batch["mask"], self.num_classes, self.ignore_index, True)
+                values["val/miou"] = class_scores(per_image)["miou"]
+        if self.record_items:
+            scores = box_scores(boxes, predicted, true_boxes, labels, self.ignore_index)
+            self.record(batch, {f"val/{k}": v for k, v in scores.items()} | values)
 
     def render_samples(self, batch: dict[str, torch.Tensor], output: torch.Tensor) -> dict[str, np.ndarray]:
         """The image with the true box (white) and the predicted box (in the predicted class's colour)."""

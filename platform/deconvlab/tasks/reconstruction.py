@@ -10,15 +10,9 @@ from torchmetrics import MeanMetric, MetricCollection
 from deconvlab.tasks.base import BaseTask, side_by_side, to_uint8
 
 
-class PerPixelMetric(MeanMetric):
-    """Mean over pixels of an elementwise loss between a reconstruction in [0,1] and the image."""
-
-    def __init__(self, loss_fn, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.loss_fn = loss_fn
-
-    def update(self, output: torch.Tensor, target: torch.Tensor) -> None:  # type: ignore[override]
-        super().update(self.loss_fn(output, target, reduction="none"))
+def per_image(loss_fn, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``[B]``: an elementwise loss averaged over each image's channels and pixels."""
+    return loss_fn(output.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
 
 
 def _bce(output: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -54,7 +48,10 @@ def code_scatter(codes: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 class ReconstructionTask(BaseTask):
-    """Trains an autoencoder; reports per-pixel MSE and BCE on validation.
+    """Trains an autoencoder; reports MSE and BCE on validation.
+
+    ``val/mse`` and ``val/bce`` are per-image means: each image's loss averaged over its pixels, then the
+    mean over the split's images (equal to the per-pixel mean when, as for MNIST, all images have one size).
 
     Args:
         loss: "mse" or "bce" (both on reconstructions in [0, 1]).
@@ -75,7 +72,11 @@ class ReconstructionTask(BaseTask):
         self._code_labels: list[torch.Tensor] = []
 
     def build_metrics(self) -> MetricCollection:
-        return MetricCollection({"mse": PerPixelMetric(F.mse_loss), "bce": PerPixelMetric(_bce)})
+        # Fed one by one (update_metrics): compute groups would merge the two means' identical states.
+        return MetricCollection({"mse": MeanMetric(), "bce": MeanMetric()}, compute_groups=False)
+
+    def item_aggregates(self) -> dict[str, str]:
+        return {"val/mse": "mean", "val/bce": "mean"}
 
     def input_of(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return batch["image"]
@@ -88,7 +89,10 @@ class ReconstructionTask(BaseTask):
         return loss_fn(output, batch["image"]), output
 
     def update_metrics(self, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
-        super().update_metrics(output, batch)
+        values = {"mse": per_image(F.mse_loss, output, batch["image"]), "bce": per_image(_bce, output, batch["image"])}
+        for name, per_item in values.items():
+            self.val_metrics[name].update(per_item)
+        self.record(batch, {f"val/{name}": v for name, v in values.items()})
         if self._wants_code_scatter() and sum(len(c) for c in self._codes) < MAX_SCATTER_POINTS:
             with torch.no_grad():
                 self._codes.append(self.model.encode(batch["image"]).float().cpu())

@@ -7,11 +7,89 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassJaccardIndex
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import MulticlassConfusionMatrix
 
-from deconvlab.boxes import BOX_METRIC_NAMES, BoxMetrics, boxes_from_label_maps, true_boxes
+from deconvlab.boxes import BOX_METRIC_NAMES, BoxMetrics, box_scores, boxes_from_label_maps, true_boxes
 from deconvlab.tasks.base import BaseTask, side_by_side, to_uint8
+
+CLASS_SCORE_NAMES = ("pixel_acc", "class_acc", "miou")
+
+
+def confusion_counts(predicted: torch.Tensor, target: torch.Tensor, num_classes: int,
+                     ignore_index: int | None = None, per_item: bool = False) -> torch.Tensor:
+    """Confusion counts (rows: true class, columns: predicted) of label maps, void pixels left out.
+
+    Args:
+        predicted: ``[B, ...]`` predicted classes.
+        target: ``[B, ...]`` true classes; ``ignore_index`` (and anything outside ``0..K-1``) is void.
+        num_classes: K.
+        ignore_index: the void label.
+        per_item: one ``[K, K]`` matrix per batch item (``[B, K, K]``) instead of one for the batch.
+    """
+    k = num_classes
+    valid = (target >= 0) & (target < k)
+    if ignore_index is not None:
+        valid &= target != ignore_index
+    cell = target.long() * k + predicted.long().clamp(0, k - 1)
+    if not per_item:
+        return torch.bincount(cell[valid], minlength=k * k).view(k, k)
+    item = torch.arange(target.shape[0], device=target.device).view(-1, *([1] * (target.dim() - 1)))
+    flat = (item * k * k + cell)[valid]
+    return torch.bincount(flat, minlength=target.shape[0] * k * k).view(-1, k, k)
+
+
+def class_scores(confusion: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Pixel accuracy, mean class accuracy and mIoU of ``[..., K, K]`` confusion counts.
+
+    The class means are over the classes PRESENT in the ground truth (a row with any pixel): a class
+    absent from the truth counts neither as 0 nor as 1 ("present-class mean", docs/metrics.md); void is
+    already left out of the counts. Without any labelled pixel every score is NaN.
+    """
+    counts = confusion.double()
+    tp = counts.diagonal(dim1=-2, dim2=-1)
+    support, predicted = counts.sum(-1), counts.sum(-2)
+    present = support > 0
+    n_present = present.sum(-1)
+    iou = tp / (support + predicted - tp).clamp_min(1)
+    recall = tp / support.clamp_min(1)
+
+    def present_mean(per_class: torch.Tensor) -> torch.Tensor:
+        return torch.where(n_present > 0, (per_class * present).sum(-1) / n_present.clamp_min(1), torch.nan)
+
+    total = support.sum(-1)
+    return {"pixel_acc": torch.where(total > 0, tp.sum(-1) / total.clamp_min(1), torch.nan),
+            "class_acc": present_mean(recall), "miou": present_mean(iou)}
+
+
+class PresentClassScores(Metric):
+    """Pixel accuracy, mean class accuracy and mIoU from the confusion counts summed over the split.
+
+    Accepts logits ``[B, K, ...]`` (argmax taken) or labels ``[B, ...]`` against ``[B, ...]`` targets.
+    Class means follow :func:`class_scores` (present classes only); an epoch without any labelled pixel
+    scores 0, so a never-updated metric cannot stop training as "diverged".
+
+    Args:
+        num_classes: K.
+        ignore_index: the void label.
+        names: which of ``pixel_acc``, ``class_acc`` and ``miou`` :meth:`compute` returns.
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int, ignore_index: int | None = None,
+                 names: tuple[str, ...] = CLASS_SCORE_NAMES, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_classes, self.ignore_index, self.names = num_classes, ignore_index, tuple(names)
+        self.add_state("confusion", torch.zeros(num_classes, num_classes, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, output: torch.Tensor, target: torch.Tensor) -> None:  # type: ignore[override]
+        predicted = output.argmax(dim=1) if output.dim() == target.dim() + 1 else output
+        self.confusion += confusion_counts(predicted, target, self.num_classes, self.ignore_index)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        scores = class_scores(self.confusion)
+        return {name: torch.nan_to_num(scores[name], nan=0.0).float() for name in self.names}
 
 
 def default_palette(num_classes: int) -> np.ndarray:
@@ -67,6 +145,10 @@ def render_confusion(counts: np.ndarray) -> np.ndarray:
 class SegmentationTask(BaseTask):
     """Per-pixel cross-entropy; pixel accuracy, mean class accuracy and mIoU, ignoring ``ignore_index``.
 
+    ``val/miou`` and ``val/class_acc`` are present-class means over the split: from the confusion counts
+    summed over all validation pixels, averaged over the classes that occur in the split's ground truth
+    (:func:`class_scores`). Per-item rows hold the same three scores of each image on its own.
+
     When validation batches carry a ``box`` and ``box_label`` (the largest object's box, see
     :mod:`deconvlab.tasks.localisation`), the segmenter is also scored as a localiser: its answer is the
     box around the largest connected region of predicted object pixels (``box_classes``) and that region's
@@ -109,16 +191,15 @@ class SegmentationTask(BaseTask):
         if self.box_classes is None and getattr(datamodule, "box_classes", None) is not None:
             self.box_classes = tuple(datamodule.box_classes)
 
-    def val_metric_names(self) -> list[str]:
-        return [*super().val_metric_names(), *(BOX_METRIC_NAMES if self.box_metrics else ())]
-
     def build_metrics(self) -> MetricCollection:
-        k, ignore = self.num_classes, self.ignore_index
-        return MetricCollection({
-            "pixel_acc": MulticlassAccuracy(k, average="micro", ignore_index=ignore),
-            "class_acc": MulticlassAccuracy(k, average="macro", ignore_index=ignore),
-            "miou": MulticlassJaccardIndex(k, average="macro", ignore_index=ignore),
-        })
+        return MetricCollection({"scores": PresentClassScores(self.num_classes, self.ignore_index)})
+
+    def val_metric_names(self) -> list[str]:
+        return [*CLASS_SCORE_NAMES, *(BOX_METRIC_NAMES if self.box_metrics else ())]
+
+    def item_aggregates(self) -> dict[str, str]:
+        pooled = {f"val/{name}": "pooled" for name in CLASS_SCORE_NAMES}
+        return pooled | ({f"val/{name}": "mean" for name in BOX_METRIC_NAMES} if self.box_metrics else {})
 
     def input_of(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return batch["image"]
@@ -134,17 +215,26 @@ class SegmentationTask(BaseTask):
     def update_metrics(self, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
         super().update_metrics(output, batch)
         self.confusion.update(output, batch["mask"])
-        if self.box_metrics:
-            self.update_box_metrics(output, batch)
+        per_box = self.update_box_metrics(output, batch) if self.box_metrics else {}
+        if self.record_items:
+            per_image = confusion_counts(output.argmax(dim=1), batch["mask"], self.num_classes, self.ignore_index,
+                                         per_item=True)
+            values = {f"val/{k}": v for k, v in class_scores(per_image).items()}
+            self.record(batch, values | {f"val/{k}": v for k, v in per_box.items()})
 
-    def update_box_metrics(self, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
-        """Score the box around the largest predicted object region against the batch's box."""
+    def update_box_metrics(self, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Score the box around the largest predicted object region against the batch's box.
+
+        Returns:
+            The per-image box scores (:func:`deconvlab.boxes.box_scores`).
+        """
         boxes_true, labels_true = true_boxes(batch, "task.box_metrics")
         if self.box_classes is None:
             raise ValueError("box metrics need the object classes: set task.box_classes, or use a data "
                              "module that declares box_classes (shapes, camvid with data.box_classes)")
         boxes, labels = boxes_from_label_maps(output.argmax(dim=1), self.box_classes)
         self.box_scores.update(boxes, labels, boxes_true, labels_true)
+        return box_scores(boxes, labels, boxes_true, labels_true, self.ignore_index)
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()

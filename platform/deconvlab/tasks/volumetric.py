@@ -15,7 +15,15 @@ from torchmetrics import Metric, MetricCollection
 from deconvlab.data.brats import BRATS_REGIONS
 from deconvlab.tasks.base import BaseTask, side_by_side, to_uint8
 from deconvlab.tasks.segmentation import colourise, default_palette
-from deconvlab.volume.report import evaluate_cases, log_table, summarise, write_table
+from deconvlab.volume.report import (
+    aggregate_of,
+    case_items,
+    evaluate_cases,
+    log_table,
+    summarise,
+    volume_key,
+    write_table,
+)
 
 DEFAULT_CLEAN_UP = {"keep_fraction": 0.1, "fill_holes": True, "smooth_radius": 1}
 
@@ -23,8 +31,9 @@ DEFAULT_CLEAN_UP = {"keep_fraction": 0.1, "fill_holes": True, "smooth_radius": 1
 class RegionDice(Metric):
     """Dice of label *regions* (unions of classes), accumulated over all voxels of an epoch.
 
-    Accumulating intersections and volumes (rather than averaging per-batch Dice) gives the Dice of
-    the whole validation set, which is what papers report per volume or per data set.
+    Accumulating intersections and volumes (rather than averaging per-batch Dice) gives the Dice of all
+    validation voxels pooled: for patch nets, of the sampled centre voxels. A training monitor; the
+    per-case figures papers report are the whole-volume ``val/volume_*`` metrics (docs/metrics.md).
     """
 
     full_state_update = False
@@ -54,6 +63,10 @@ class RegionDice(Metric):
 
 class VolumetricSegmentationTask(BaseTask):
     """Voxel-wise cross-entropy; Dice per region (and their mean) on validation.
+
+    ``val/dice_<region>`` is pooled over the validation voxels (:class:`RegionDice`); the whole-volume
+    ``val/volume_*`` figures are per-case means (:func:`deconvlab.volume.report.summarise`), and they are
+    what per-item rows hold: one row per case when ``record_items`` is on.
 
     Labels may be dense ([B, D, H, W] or [B, H, W]) or one centre voxel per patch ([B]); the model's
     logits match them with the class axis second.
@@ -110,6 +123,15 @@ class VolumetricSegmentationTask(BaseTask):
     def val_metric_names(self) -> list[str]:
         return [*(f"dice_{name}" for name in self.regions), "dice_mean"]
 
+    def item_aggregates(self) -> dict[str, str]:
+        """The whole-volume keys of the per-case rows: Dice, sensitivity and HD95 "mean", the count of
+        penalised HD95s "sum" (:func:`deconvlab.volume.report.summarise`)."""
+        optional = {"cleaned": self.clean_up, "crf": self.crf}
+        stages = ["raw", *(stage for stage, settings in optional.items() if settings is not None)]
+        columns = [f"{metric}_{region}" for metric in ("dice", "sensitivity", "hd95", "hd95_missed")
+                   for region in self.regions]
+        return {f"val/{volume_key(c, stage)}": aggregate_of(c) for stage in stages for c in columns}
+
     def input_of(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return batch["image"]
 
@@ -151,6 +173,8 @@ class VolumetricSegmentationTask(BaseTask):
             self.volume_rows, self.volume_overlays = evaluate_cases(
                 self.model, cases, self.regions, tile=self.volume_tile, clean=self.clean_up, crf=self.crf)
         self.log_dict({f"val/{k}": v for k, v in summarise(self.volume_rows).items()}, sync_dist=True)
+        if self.record_items:
+            self.item_rows = case_items(self.volume_rows)
         self.rendered_samples.update(self.volume_overlays)  # written beside the other samples by SampleImages
         self._log_volume_table()
 

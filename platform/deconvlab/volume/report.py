@@ -1,6 +1,10 @@
 """Whole-volume evaluation of the MRI patch nets: a per-case table (Dice, sensitivity and HD95 per label
 region, with and without the shape-aware clean-up) and axial slices with contour overlays.
 
+The logged figures are per-case means of the table's columns (:func:`summarise`, docs/metrics.md); HD95
+is in mm from each case's voxel spacing, and a missed or spurious region scores the case's diagonal (see
+:mod:`deconvlab.volume.metrics`), counted in ``hd95_missed_<region>``.
+
 Used at the end of training / evaluation by :class:`deconvlab.tasks.volumetric.VolumetricSegmentationTask`
 (logged to MLflow) and by ``benchmarks/volume_inference.py``.
 """
@@ -20,7 +24,7 @@ from scipy import ndimage
 
 from deconvlab.volume.cleanup import clean_up, mean_field_refine
 from deconvlab.volume.dense import dense_probabilities
-from deconvlab.volume.metrics import hausdorff95, region_metrics
+from deconvlab.volume.metrics import hausdorff95, hd95_penalised, region_metrics
 
 STAGES = ("raw", "cleaned", "crf")
 TRUTH_COLOUR, PREDICTION_COLOUR = (0, 220, 0), (255, 40, 40)
@@ -28,8 +32,8 @@ TRUTH_COLOUR, PREDICTION_COLOUR = (0, 220, 0), (255, 40, 40)
 
 def case_rows(name: str, probabilities: np.ndarray, truth: np.ndarray, brain: np.ndarray | None,
               regions: Mapping[str, Sequence[int]], clean: Mapping[str, Any] | None = None,
-              crf: Mapping[str, Any] | None = None, image: np.ndarray | None = None,
-              ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+              crf: Mapping[str, Any] | None = None, image: np.ndarray | None = None, *,
+              spacing: Sequence[float]) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
     """The table rows of one case (one per stage) and its label map per stage.
 
     Stages: ``raw`` (argmax), ``cleaned`` (shape-aware clean-up), ``crf`` (mean-field refinement of the
@@ -46,6 +50,7 @@ def case_rows(name: str, probabilities: np.ndarray, truth: np.ndarray, brain: np
         crf: keyword arguments of :func:`deconvlab.volume.cleanup.mean_field_refine`; None skips the crf
             stage.
         image: ``[C, D, H, W]`` modalities (the CRF's contrast term); needed with ``crf``.
+        spacing: the case's voxel size per axis (mm), for HD95.
 
     Returns:
         The rows (``case``, ``stage``, then the metrics) and the label map of each stage.
@@ -56,27 +61,32 @@ def case_rows(name: str, probabilities: np.ndarray, truth: np.ndarray, brain: np
     if crf is not None:
         refined = mean_field_refine(probabilities, image, **crf).argmax(0).astype(np.uint8)
         labels["crf"] = clean_up(refined, regions, brain, **clean) if clean is not None else refined
-    rows = [{"case": name, "stage": stage, **stage_metrics(prediction, truth, regions)}
+    rows = [{"case": name, "stage": stage, **stage_metrics(prediction, truth, regions, spacing)}
             for stage, prediction in labels.items()]
     return rows, labels
 
 
-def stage_metrics(prediction: np.ndarray, truth: np.ndarray,
-                  regions: Mapping[str, Sequence[int]]) -> dict[str, float]:
+def stage_metrics(prediction: np.ndarray, truth: np.ndarray, regions: Mapping[str, Sequence[int]],
+                  spacing: Sequence[float]) -> dict[str, float]:
     """Dice and sensitivity (:func:`~deconvlab.volume.metrics.region_metrics`), then HD95, of each region.
 
     Args:
         prediction: ``[D, H, W]`` labels.
         truth: ``[D, H, W]`` labels.
         regions: region name -> the labels it unites.
+        spacing: voxel size per axis (mm).
 
     Returns:
-        ``dice_<region>``, ``sensitivity_<region>``, ..., ``hd95_<region>``, ... in that order (the
-        table's columns).
+        ``dice_<region>``, ``sensitivity_<region>``, ..., ``hd95_<region>`` (mm), ..., then
+        ``hd95_missed_<region>``, ...: 1.0 where the HD95 is the penalty (a missed or spurious region),
+        else 0.0; in that order (the table's columns).
     """
     out = region_metrics(prediction, truth, regions)
-    for region, members in regions.items():
-        out[f"hd95_{region}"] = hausdorff95(np.isin(prediction, members), np.isin(truth, members))
+    masks = {region: (np.isin(prediction, members), np.isin(truth, members)) for region, members in regions.items()}
+    for region, (p, t) in masks.items():
+        out[f"hd95_{region}"] = hausdorff95(p, t, spacing)
+    for region, (p, t) in masks.items():
+        out[f"hd95_missed_{region}"] = float(hd95_penalised(p, t))
     return out
 
 
@@ -87,7 +97,8 @@ def evaluate_cases(nets: nn.Module | Sequence[nn.Module], cases: Sequence[Any],
 
     Args:
         nets: one patch net or several (averaged in probability).
-        cases: volumes with ``name``, ``image``, ``label`` and ``brain`` (:class:`deconvlab.data.brats.Case`).
+        cases: volumes with ``name``, ``image``, ``label``, ``brain`` and ``spacing`` (mm per axis)
+            (:class:`deconvlab.data.brats.Case`).
         regions: region name -> the labels it unites (the table's metric columns).
         tile: dense inference tile side.
         clean: see :func:`case_rows`.
@@ -102,7 +113,7 @@ def evaluate_cases(nets: nn.Module | Sequence[nn.Module], cases: Sequence[Any],
         probabilities = dense_probabilities(nets, case.image, tile=tile, mask=case.brain)
         seconds = time.perf_counter() - start
         case_table, labels = case_rows(case.name, probabilities, case.label, case.brain, regions, clean, crf,
-                                       case.image)
+                                       case.image, spacing=case.spacing)
         rows += [{**row, "seconds": round(seconds, 2)} for row in case_table]
         shown = labels.get("cleaned", labels["raw"])
         overlays[f"{case.name}_contours_truth_green_prediction_red"] = contour_overlay(case.image[0], case.label,
@@ -110,21 +121,49 @@ def evaluate_cases(nets: nn.Module | Sequence[nn.Module], cases: Sequence[Any],
     return rows, overlays
 
 
-def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """Mean of each metric over cases, per stage: ``volume_dice_<region>``, ``volume_dice_<region>_cleaned``, ...
+SUMMED = ("hd95_missed_",)  # columns whose figure is the count over cases, not the mean
+AVERAGED = ("dice_", "sensitivity_", "hd95_")
 
-    HD95 is averaged over the cases where it is finite (it is infinite when one of the two masks is
-    empty) and left out when it is finite nowhere: trackers and Ray reject infinite metrics.
+
+def volume_key(column: str, stage: str) -> str:
+    """The logged name (without ``val/``) of a table column at a stage: ``volume_dice_whole_cleaned``."""
+    return f"volume_{column}" + ("" if stage == "raw" else f"_{stage}")
+
+
+def aggregate_of(column: str) -> str | None:
+    """How a column's figure follows from the cases: "sum" (the count of penalised cases), "mean", or None."""
+    if column.startswith(SUMMED):
+        return "sum"
+    return "mean" if column.startswith(AVERAGED) else None
+
+
+def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The figures of a table, per stage: ``volume_dice_<region>``, ``volume_dice_<region>_cleaned``, ...
+
+    Dice, sensitivity and HD95 are the mean over cases ("per-case mean"); every case counts, a missed or
+    spurious region with its HD95 penalty. ``volume_hd95_missed_<region>`` is the number of cases whose
+    HD95 is that penalty.
     """
     out = {}
     for stage in STAGES:
         chosen = [r for r in rows if r["stage"] == stage]
-        suffix = "" if stage == "raw" else f"_{stage}"
-        for key in (k for k in (chosen[0] if chosen else {}) if k.startswith(("dice_", "sensitivity_", "hd95_"))):
-            values = [r[key] for r in chosen if np.isfinite(r[key])]
-            if values:
-                out[f"volume_{key}{suffix}"] = float(np.mean(values))
+        for column in (chosen[0] if chosen else {}):
+            how = aggregate_of(column)
+            if how is not None:
+                values = [float(r[column]) for r in chosen]
+                out[volume_key(column, stage)] = float(np.sum(values) if how == "sum" else np.mean(values))
     return out
+
+
+def case_items(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per case (its stages side by side) under the logged keys: ``{"item": case,
+    "val/volume_dice_whole": ..., "val/volume_dice_whole_cleaned": ..., ...}``, in the table's case order."""
+    items: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        item = items.setdefault(str(row["case"]), {"item": str(row["case"])})
+        item.update({f"val/{volume_key(k, row['stage'])}": float(v) for k, v in row.items()
+                     if aggregate_of(k) is not None})
+    return list(items.values())
 
 
 def write_table(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
