@@ -188,10 +188,7 @@ def _add_registry_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--per-item", metavar="FILE.csv",
                           help="also write one row per image/case (its id and every metric); logged as per_item.csv")
     evaluate.add_argument("--config", metavar="FILE", help=config_help)
-    evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
-    evaluate.add_argument("--no-log", action="store_true", help="do not log an evaluation run")
-    evaluate.add_argument("--trust", action="store_true", help=trust_help)
-    evaluate.add_argument("--tracking-uri", help=uri_help)
+    _add_result_options(evaluate, "do not log an evaluation run", trust_help, uri_help)
     evaluate.set_defaults(func=cmd_evaluate)
 
     compare = sub.add_parser("compare", help="two models on the same items: paired difference, CI, p-value")
@@ -201,10 +198,7 @@ def _add_registry_commands(sub: argparse._SubParsersAction) -> None:
     compare.add_argument("--metric", help="a per-item metric, e.g. val/ssim (default: A's task monitor)")
     compare.add_argument("--config-a", metavar="FILE", help=config_help)
     compare.add_argument("--config-b", metavar="FILE", help=config_help)
-    compare.add_argument("--json", action="store_true", help="print the result as JSON")
-    compare.add_argument("--no-log", action="store_true", help="do not log a run in experiment comparisons")
-    compare.add_argument("--trust", action="store_true", help=trust_help)
-    compare.add_argument("--tracking-uri", help=uri_help)
+    _add_result_options(compare, "do not log a run in experiment comparisons", trust_help, uri_help)
     compare.set_defaults(func=cmd_compare)
 
     predict = sub.add_parser("predict", help="apply a model to files: images, NIfTI volumes")
@@ -220,6 +214,15 @@ def _add_registry_commands(sub: argparse._SubParsersAction) -> None:
     models.add_argument("--json", action="store_true", help="print the rows as JSON")
     models.add_argument("--tracking-uri", help=uri_help)
     models.set_defaults(func=cmd_models)
+
+
+def _add_result_options(parser: argparse.ArgumentParser, no_log_help: str, trust_help: str,
+                        uri_help: str) -> None:
+    """The options evaluate and compare share: JSON output, logging, trust and the store."""
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--no-log", action="store_true", help=no_log_help)
+    parser.add_argument("--trust", action="store_true", help=trust_help)
+    parser.add_argument("--tracking-uri", help=uri_help)
 
 
 def build_parser() -> argparse.ArgumentParser:
