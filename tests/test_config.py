@@ -25,10 +25,13 @@ def test_every_experiment_builds_a_task_of_its_models_family_that_logs_its_monit
         assert sum(p.numel() for p in task.model.parameters() if p.requires_grad) > 0
 
 
-def test_unknown_experiment_lists_the_valid_ones():
+def test_unknown_experiment_points_to_the_listing_and_the_closest_name():
     with pytest.raises(UserError) as info:
         compose_config(["experiment=does_not_exist"])
-    assert "quickstart" in info.value.fix and "conf/experiment" in info.value.where
+    assert "deconvlab list experiments" in info.value.fix and "conf/experiment" in info.value.where
+    with pytest.raises(UserError) as info:
+        compose_config(["experiment=quickstrat"])
+    assert "did you mean 'quickstart'?" in info.value.fix
 
 
 def test_unknown_key_and_wrong_type_are_user_errors():

@@ -105,10 +105,10 @@ def test_sweep_that_cannot_run_is_refused_before_trials(tmp_path, change, messag
         validate(spec)
 
 
-def test_unknown_sweep_name_lists_the_known_ones():
+def test_unknown_sweep_name_points_to_the_listing():
     with pytest.raises(UserError, match="unknown sweep") as info:
         load_sweep("no_such_sweep")
-    assert "quickstart" in info.value.fix
+    assert "deconvlab list sweeps" in info.value.fix
 
 
 def test_a_model_switch_that_cannot_build_is_refused_before_trials(tmp_path):

@@ -11,11 +11,42 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from deconvlab.errors import first_line, user_error_in, was_interrupted
+from deconvlab.errors import UserError, did_you_mean, first_line, user_error_in, was_interrupted
 
 EXIT_USER_ERROR, EXIT_INTERNAL_ERROR = 2, 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 KINDS = {"experiments": "experiment", "models": "model", "data": "data"}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with the CLI's error format: one line ``error: <what> (<where>): <what to do>``, exit 2.
+
+    Adds the hints a Hydra or git user needs: a did-you-mean for a mistyped subcommand, ``experiment=NAME``
+    for ``--experiment NAME``, and ``deconvlab sweep`` for Hydra's ``-m``.
+    """
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        what, fix = self._explain(message)
+        print(f"error: {what} ({self.prog}): {fix}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+    def _explain(self, message: str) -> tuple[str, str]:
+        if "invalid choice: '" in message:  # argparse lists every choice: name the closest one instead
+            word = message.split("invalid choice: '")[1].split("'")[0]
+            choices = message.split("(choose from ")[-1].rstrip(")").replace("'", "").split(", ")
+            kind = "command" if " " not in self.prog else "choice"
+            return f"unknown {kind} {word!r}", f"{did_you_mean(word, choices)}see {self.prog} --help"
+        return message, self._fix_for(message)
+
+    def _fix_for(self, message: str) -> str:
+        unknown = message.removeprefix("unrecognized arguments: ").split()
+        if any(arg in ("-m", "--multirun") for arg in unknown):
+            return "deconvlab has no Hydra multirun: a grid of runs is a sweep (deconvlab sweep NAME, sweeps/*.yaml)"
+        dashed = [arg for arg in unknown if arg.startswith("--") and arg[2:].replace("-", "_").isidentifier()]
+        if dashed and message.startswith("unrecognized"):
+            key = dashed[0][2:].split("=")[0]
+            return f"config values are Hydra overrides without dashes: write {key}=VALUE (see {self.prog} --help)"
+        return f"see {self.prog} --help"
 
 
 def _quiet_environment() -> None:
@@ -26,7 +57,18 @@ def _quiet_environment() -> None:
         os.environ.setdefault(key, value)
 
 
+def _check_experiment_given(args: argparse.Namespace) -> None:
+    """``deconvlab train`` with no experiment would train conf/train.yaml's bare defaults as a run named
+    ``default``: refuse it and say how to pick one (``experiment=null`` composes by hand on purpose)."""
+    if args.from_run or args.cfg or any(o.lstrip("+").startswith("experiment=") for o in args.overrides):
+        return
+    raise UserError("no experiment given", "deconvlab train",
+                    "pick one with experiment=NAME, e.g. deconvlab train experiment=quickstart "
+                    "(deconvlab list experiments shows them; experiment=null composes conf/train.yaml by hand)")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    _check_experiment_given(args)
     quiet = ["trainer.enable_progress_bar=false"] if args.quiet else []
     if args.from_run:
         from deconvlab.train import rerun_config
@@ -54,7 +96,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from deconvlab.sweep.runner import run_sweep
 
     outcome = run_sweep(args.sweep, args.overrides, address=args.address, smoke_test=args.smoke_test,
-                        storage_path=args.storage, quiet=args.quiet, resume=args.resume)
+                        storage_path=args.storage, quiet=args.quiet, resume=args.resume,
+                        verbose=args.verbose or args.debug)
     print(f"sweep parent run {outcome.parent_run_id} in experiment {outcome.experiment_name}; "
           f"best trial {outcome.best_trial} (run {outcome.best_run_id})")
     return 0
@@ -226,17 +269,25 @@ def _add_result_options(parser: argparse.ArgumentParser, no_log_help: str, trust
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deconvlab", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="deconvlab", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show the stack's own output: Lightning/MLflow/Ray info lines, deprecation "
+                             "warnings, Ray Tune's trial tables and the trials' worker logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = sub.add_parser("train", help="train one run: deconvlab train experiment=quickstart key=value ...")
+    train = sub.add_parser("train", help="train one run: deconvlab train experiment=quickstart key=value ...",
+                           epilog="deconvlab list experiments shows the experiments; deconvlab list "
+                                  "[models|data] the groups to combine; --cfg job the composed config.")
     train.add_argument("overrides", nargs="*",
-                       help="Hydra overrides, e.g. experiment=quickstart optim.lr=1e-3")
+                       help="Hydra overrides: experiment=NAME (required, see deconvlab list experiments), "
+                            "then key=value, e.g. optim.lr=1e-3")
     train.add_argument("--from-run", metavar="RUN_ID",
                        help="train again from a tracked run's or sweep trial's logged config.yaml (same seed); "
                             "the overrides apply on top of it")
-    train.add_argument("--cfg", choices=["job"], help="print the composed config and exit")
+    train.add_argument("--cfg", choices=["job", "all"],
+                       help="print the composed config and exit (job and all print the same: a run's config "
+                            "has no separate hydra: section)")
     train.add_argument("--resolve", action="store_true", help="with --cfg: resolve interpolations")
     train.add_argument("--quiet", action="store_true", help="no progress bars (for scripts and logs)")
     train.set_defaults(func=cmd_train)
@@ -265,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     runs.set_defaults(func=cmd_runs)
 
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 against the same store")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=int, default=5000, help="default: 5000")
     ui.add_argument("--host", default="127.0.0.1",
                     help="interface to listen on (default loopback only; 0.0.0.0 exposes the UI to the network)")
     ui.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
@@ -273,14 +324,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="a sweep as one self-contained HTML page (images inlined)")
     report.add_argument("sweep", help="a sweep name (its latest run), or the run id of its parent or a trial")
-    report.add_argument("-o", "--output", default="report.html", help="the HTML file to write")
+    report.add_argument("-o", "--output", default="report.html", help="the HTML file to write (default: report.html)")
     report.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     report.set_defaults(func=cmd_report)
 
     _add_registry_commands(sub)
+    parser.commands = sub.choices
+    helping = sub.add_parser("help", help="help on deconvlab or one command: deconvlab help train")
+    helping.add_argument("topic", nargs="?", choices=sorted(sub.choices), metavar="COMMAND")
+    helping.set_defaults(func=lambda args: _print_help(parser, sub, args.topic))
     for command in sub.choices.values():  # `deconvlab train ... --debug` works as well as `deconvlab --debug train`
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="also show the stack's own output (see deconvlab --help)")
     return parser
+
+
+def _print_help(parser: argparse.ArgumentParser, sub: argparse._SubParsersAction, topic: str | None) -> int:
+    """``deconvlab help [COMMAND]``, as git has it: the same text as ``--help``."""
+    (sub.choices[topic] if topic else parser).print_help()
+    return 0
 
 
 def _refused_by_tracking_server(exc: Exception, tracking_uri: str | None):
@@ -324,7 +387,13 @@ def run_guarded(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``deconvlab`` console script."""
     _quiet_environment()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the subcommand's parser, so the error names `deconvlab train`, not `deconvlab`
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    from deconvlab.console import quiet_third_party
+
+    quiet_third_party(verbose=args.verbose or args.debug)
     return run_guarded(args.func, args)
 
 

@@ -13,9 +13,12 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from deconvlab.errors import UserError, first_line
+from deconvlab.errors import UserError, choose_from, did_you_mean, first_line
 
 PRIMARY_CONFIG = "train"
+# Groups with a listing command: their error points to it instead of printing dozens of names on one line.
+LISTED_GROUPS = {"experiment": "deconvlab list experiments", "model": "deconvlab list models",
+                 "data": "deconvlab list data"}
 
 
 def conf_dir() -> Path:
@@ -65,7 +68,7 @@ def _check_group_choices(overrides: list[str]) -> None:
         key, value = parsed
         if key in groups and value not in ("null", "") and value not in group_options(key):
             raise UserError(f"unknown {key} {value!r}", f"conf/{key}/",
-                            f"choose one of: {', '.join(group_options(key))}")
+                            choose_from(value, group_options(key), LISTED_GROUPS.get(key, "")))
 
 
 def _type_name(value: object) -> str:
@@ -90,12 +93,34 @@ def _compose(overrides: list[str]) -> DictConfig:
         return compose(config_name=PRIMARY_CONFIG, overrides=overrides)
 
 
+def _sibling_keys(key: str, overrides: list[str]) -> list[str]:
+    """The keys next to a mistyped ``key`` (``optim.lrr`` -> every ``optim.*``; top level: keys and groups)."""
+    group_overrides = [o for o in overrides if (_split_override(o) or ("", ""))[0] in config_groups()]
+    try:
+        base = _compose(group_overrides)
+    except HydraException:
+        return []
+    parent, _, _ = key.rpartition(".")
+    node = OmegaConf.select(base, parent, default=None) if parent else base
+    if not isinstance(node, DictConfig):
+        return []
+    prefix = f"{parent}." if parent else ""
+    return [f"{prefix}{name}" for name in node] + ([] if parent else config_groups())
+
+
 def _explain(exc: HydraException, overrides: list[str]) -> UserError:
     message = first_line(exc, 1000)
     if "not in struct" in str(exc) or "Could not override" in str(exc) or "Key '" in str(exc):
         key = message.split("'")[1] if "'" in message else message
-        return UserError(f"unknown config key {key!r}", key,
-                         "check the spelling (deconvlab train --cfg job shows the config), or add it with +key=value")
+        full_key = next((k for k, _ in filter(None, map(_split_override, overrides)) if k.endswith(key)), key)
+        return UserError(f"unknown config key {full_key!r}", full_key,
+                         f"{did_you_mean(full_key, _sibling_keys(full_key, overrides))}check the spelling "
+                         "(deconvlab train --cfg job shows the config), or add it with +key=value")
+    if "Ambiguous value" in message:  # Hydra's multirun list (a,b) given to a single run
+        listed = next((o for o in overrides if "," in o), " ".join(overrides))
+        return UserError(f"{listed!r} lists several values: one run takes one value", listed,
+                         "a grid of runs is a sweep: put the values in a sweep file's search_space "
+                         "(e.g. optim.lr: grid([1e-3, 1e-4])) and run deconvlab sweep FILE")
     return UserError(f"invalid config: {message}", " ".join(overrides), "fix the override or config file")
 
 

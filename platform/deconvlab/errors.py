@@ -7,10 +7,13 @@ catches them.
 
 from __future__ import annotations
 
+import difflib
 import errno
+from collections.abc import Iterable
 
 # A full disk or quota is the user's to fix (free space, write elsewhere), not a bug: a user error.
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+DATA_DIR_VARIABLE = "DECONVLAB_DATA_DIR"
 
 
 class UserError(Exception):
@@ -42,12 +45,48 @@ class DataError(UserError, ValueError):
 
 
 class MissingDataError(UserError, FileNotFoundError):
-    """A data folder, split or file that does not exist (or a split with nothing in it)."""
+    """A data folder, split or file that does not exist (or a split with nothing in it).
+
+    When the fault is the data folder itself (``where == "data.root"``) the fix also names
+    ``DECONVLAB_DATA_DIR``: the real data sets' default roots hang off it (conf/paths/default.yaml).
+    """
+
+    def one_line(self) -> str:
+        line = super().one_line()
+        if self.where == "data.root" and DATA_DIR_VARIABLE not in line:
+            line += f"; or set {DATA_DIR_VARIABLE} to the folder holding the data sets (default: ../shared/data)"
+        return line
 
 
 class AccessRefused(UserError):
     """The tracking server refused a request: no or wrong credentials (HTTP 401), or no permission on an
     experiment or registered model (HTTP 403). See :mod:`deconvlab.access`."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``"did you mean 'quickstart'? "`` for the closest of ``choices`` to a mistyped ``word``, else ``""``.
+
+    Ends with a space so it can lead a fix text; matching ignores case and a ``.yaml`` suffix.
+    """
+    choices = list(choices)
+    by_key = {choice.lower(): choice for choice in choices}
+    key = word.lower().removesuffix(".yaml").removesuffix(".yml")
+    close = difflib.get_close_matches(key, list(by_key), n=1, cutoff=0.6)
+    return f"did you mean {by_key[close[0]]!r}? " if close else ""
+
+
+def choose_from(word: str, choices: Iterable[str], listing: str = "") -> str:
+    """A fix text for an unknown name: the closest match first, then where to see every choice.
+
+    Args:
+        word: what the user typed.
+        choices: the valid names.
+        listing: the command that lists them (e.g. ``deconvlab list experiments``); when empty the
+            choices themselves are listed.
+    """
+    choices = sorted(choices)
+    rest = f"see {listing}" if listing else f"choose one of: {', '.join(choices) or '(none)'}"
+    return f"{did_you_mean(word, choices)}{rest}"
 
 
 def disk_full(exc: OSError) -> UserError:

@@ -4,8 +4,9 @@ The network and the task come from the model's own resolved config. Only the dat
 overrides the model is evaluated on exactly the data config it was trained with; ``data.split=test``,
 ``data.root=/held/out/set`` or ``data=camvid`` recompose the run's config with those overrides and take
 its data section (switching the data group drops the run's own ``data.*`` overrides, which were for the
-other data set). Metric names keep training's ``val/`` prefix whatever split is read, so they compare
-with the run's own. Every evaluation with a result is logged as a run of the ``evaluations`` experiment,
+other data set). Metric names carry the split they were read from: ``val/psnr`` on the validation split
+(the same key as the run's own), ``test/psnr`` with ``data.split=test``, so a test figure is never
+mistaken for a validation one. Every evaluation with a result is logged as a run of the ``evaluations`` experiment,
 tagged with the model URI, the registered name and version, and linked from the version.
 
 Per-item results (``--per-item FILE.csv``): the task records one row per image (per case for volumes),
@@ -37,6 +38,9 @@ from deconvlab.volume.report import log_table
 
 EVALUATION_EXPERIMENT = "evaluations"
 PER_ITEM_ARTIFACT = "per_item.csv"
+# Tasks log their evaluation metrics under val/ whatever split their val loader reads.
+TASK_PREFIX = "val/"
+VALIDATION_SPLITS = {"val", "valid", "validation"}
 
 
 @dataclass
@@ -98,6 +102,13 @@ def evaluation_data(cfg: DictConfig, overrides: Sequence[str]) -> dict[str, Any]
         base = [o for o in base if not _is_data_override(o)]
     composed = compose_config([*base, *overrides])
     return OmegaConf.to_container(composed.data, resolve=True)
+
+
+def split_key(key: str, split: Any) -> str:
+    """``val/psnr`` read from split ``test`` -> ``test/psnr``; validation splits keep ``val/``."""
+    if split is None or str(split) in VALIDATION_SPLITS or not key.startswith(TASK_PREFIX):
+        return key
+    return f"{split}/{key.removeprefix(TASK_PREFIX)}"
 
 
 def _accelerator(cfg: DictConfig) -> str:
@@ -206,16 +217,20 @@ def evaluate(uri: str, overrides: Sequence[str] = (), tracking_uri: str | None =
         config: the config of a ``.ckpt`` file, when none is found beside it (see ``load_model``).
 
     Returns:
-        The metrics (``val/...`` keys, as in training), the per-item rows if asked, the evaluation run id.
+        The metrics (``val/...`` keys as in training, ``<split>/...`` for another split such as ``test``),
+        the per-item rows if asked, the evaluation run id.
     """
     overrides = list(overrides)
     loaded = load_model(uri, tracking_uri, trust, config)
     data = evaluation_data(loaded.cfg, overrides)
     datamodule = build_datamodule(data, "validate", "the evaluation data")
-    evaluation = Evaluation(uri, run_validation(loaded, datamodule, per_item is not None), data, None,
-                            loaded.name, loaded.version, overrides)
+    split = data.get("split")
+    metrics = {split_key(k, split): v for k, v in run_validation(loaded, datamodule, per_item is not None).items()}
+    evaluation = Evaluation(uri, metrics, data, None, loaded.name, loaded.version, overrides)
     if per_item is not None:
-        evaluation.items, evaluation.aggregates = item_results(loaded.task)
+        items, aggregates = item_results(loaded.task)
+        evaluation.items = [{split_key(k, split): v for k, v in row.items()} for row in items]
+        evaluation.aggregates = {split_key(k, split): v for k, v in aggregates.items()}
         evaluation.per_item_file = str(write_items(evaluation.items, per_item))
     if log:
         evaluation.run_id = _log(evaluation, loaded, tracking_uri)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
 import time
@@ -21,6 +23,7 @@ from deconvlab import tracking
 from deconvlab.config import compose_config
 from deconvlab.errors import UserError, first_line
 from deconvlab.sweep.child_runs import close_open_children
+from deconvlab.sweep.progress import TrialProgressLines
 from deconvlab.sweep.repeats import RepeatsSweepCallback, param_space, search_settings
 from deconvlab.sweep.spec import SweepSpec, load_sweep, validate
 from deconvlab.sweep.trial import run_trial
@@ -83,14 +86,19 @@ def check_cluster_can_run(spec: SweepSpec, available: dict[str, float]) -> None:
                             "lower resources per trial or workers_per_trial, or add nodes to the cluster")
 
 
-def init_ray(address: str | None) -> dict[str, float]:
-    """Connect to a cluster (``auto`` or HOST:PORT) or start a local one; returns its resources."""
+def init_ray(address: str | None, verbose: bool = False) -> dict[str, float]:
+    """Connect to a cluster (``auto`` or HOST:PORT) or start a local one; returns its resources.
+
+    Unless ``verbose``, the workers' output stays in Ray's session logs (/tmp/ray/session_latest/logs)
+    instead of reaching this terminal: it is the stack's chatter per trial, and it arrives late, after
+    the leaderboard. A failed trial's error still reaches the user (progress line, child run tag).
+    """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address and address != "auto" and not ray.is_initialized():
         _check_port_open(address)
     if not ray.is_initialized():
         try:
-            ray.init(address=address, include_dashboard=False, configure_logging=False)
+            ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=verbose)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise UserError(f"cannot reach a Ray cluster at {address!r}: {first_line(exc)}", "--address",
                             "start one (ray start --head) or leave --address out for a local cluster") from None
@@ -167,7 +175,26 @@ def _record_best(client: MlflowClient, run_id: str, table: pd.DataFrame, metric:
                 client.log_metric(run_id, key, value)
 
 
-def _build_tuner(spec, trainable, storage, run_name, callback, scheduler, searcher, quiet, restore_path,
+def _reporting(spec: SweepSpec, max_epochs: int, quiet: bool, verbose: bool) -> tuple[int, list]:
+    """Tune's verbosity and the driver callbacks that print progress: one line per trial by default,
+    Tune's own reporter with ``verbose``, nothing with ``quiet``."""
+    if quiet:
+        return 0, []
+    if verbose:
+        return 1, []
+    return 0, [TrialProgressLines(spec.metric, spec.mode, max_epochs)]
+
+
+def describe_plan(spec: SweepSpec) -> str:
+    """``6 trials (ASHA, random search), 2 at a time``: what a sweep is about to run, in one line."""
+    trials = spec.trial_count()
+    scheduler = {"asha": "ASHA", "pbt": "PBT", "fifo": "no early stopping"}.get(spec.scheduler["type"],
+                                                                             spec.scheduler["type"])
+    return (f"{trials} trials ({scheduler}, {spec.search['type']} search), "
+            f"{spec.max_concurrent_trials or 'as many as fit'} at a time")
+
+
+def _build_tuner(spec, trainable, storage, run_name, callbacks, scheduler, searcher, verbosity, restore_path,
                  base_seed):
     space = param_space(spec, base_seed)
     if restore_path:
@@ -180,7 +207,7 @@ def _build_tuner(spec, trainable, storage, run_name, callback, scheduler, search
                                     # A fresh actor per trial re-imports torch and Lightning (seconds each).
                                     reuse_actors=True),
         run_config=tune.RunConfig(
-            name=run_name, storage_path=storage, callbacks=[callback], verbose=0 if quiet else 1,
+            name=run_name, storage_path=storage, callbacks=callbacks, verbose=verbosity,
             # PBT exploits other trials' recent checkpoints: deleting them too early breaks its restores
             # (Ray warns below 3; a FileNotFoundError was seen here with 2).
             checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if spec.scheduler["type"] == "pbt" else 2,
@@ -191,7 +218,7 @@ def _build_tuner(spec, trainable, storage, run_name, callback, scheduler, search
 
 def run_sweep(name_or_path: str, overrides: Sequence[str] = (), address: str | None = None,
               smoke_test: bool = False, storage_path: str | None = None, quiet: bool = False,
-              resume: bool = False) -> SweepOutcome:
+              resume: bool = False, verbose: bool = False) -> SweepOutcome:
     """Run a sweep end to end: validate, start Ray, run the trials, log parent/child runs and the leaderboard.
 
     Args:
@@ -202,6 +229,7 @@ def run_sweep(name_or_path: str, overrides: Sequence[str] = (), address: str | N
         storage_path: where Ray keeps trial checkpoints and experiment state (shared storage on a cluster).
         quiet: no progress output or leaderboard on the terminal.
         resume: continue the newest interrupted run of this sweep (same storage and tracking store).
+        verbose: Ray Tune's own progress reporter and the workers' output instead of one line per trial.
 
     Raises:
         UserError: anything wrong with the sweep file, the cluster or the tracking store, before any trial.
@@ -212,6 +240,9 @@ def run_sweep(name_or_path: str, overrides: Sequence[str] = (), address: str | N
     # Ray Tune would catch Ctrl-C itself and return as if the sweep had finished: let it interrupt instead,
     # so the parent and open child runs end KILLED (the 2 s snapshots above are what --resume continues).
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    # Tune warns when its state snapshots (every 2 s, above) take long on a busy machine; 0 turns the
+    # warning off: the snapshots are deliberate.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     spec = load_sweep(name_or_path)
     spec = spec.with_smoke_test() if smoke_test else spec
     overrides = list(overrides)
@@ -220,7 +251,7 @@ def run_sweep(name_or_path: str, overrides: Sequence[str] = (), address: str | N
     uri = tracking.resolve_tracking_uri(base.logger.get("tracking_uri"))
     tracking.check_reachable(uri)
     scheduler, searcher = _scheduler(spec, int(base.trainer.max_epochs)), _searcher(spec)
-    check_cluster_can_run(spec, init_ray(address))
+    check_cluster_can_run(spec, init_ray(address, verbose))
     storage = resolve_storage(storage_path)
     experiment = f"sweep-{spec.name}"
     restore_path = latest_experiment(storage, spec) if resume else None
@@ -237,11 +268,19 @@ def run_sweep(name_or_path: str, overrides: Sequence[str] = (), address: str | N
         callback = RepeatsSweepCallback(uri, experiment_id, parent_id, sweep_dict, overrides,
                                         int(base.trainer.max_epochs), base_seed=int(base.seed))
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, sweep=sweep_dict, extra_overrides=overrides, storage_path=storage),
+            tune.with_parameters(run_trial, sweep=sweep_dict, extra_overrides=overrides, storage_path=storage,
+                                 verbose=verbose),
             _trial_resources(spec))
         try:
-            _build_tuner(spec, trainable, storage, run_name, callback, scheduler, searcher, quiet,
-                         restore_path, int(base.seed)).fit()
+            verbosity, progress = _reporting(spec, int(base.trainer.max_epochs), quiet, verbose)
+            tuner = _build_tuner(spec, trainable, storage, run_name, [callback, *progress], scheduler, searcher,
+                                 verbosity, restore_path, int(base.seed))
+            if progress:
+                print(f"sweep {spec.name}: {describe_plan(spec)}; Ray storage {path}", flush=True)
+            # Tune prints an experiment box and a TensorBoard hint even at verbose=0: when our progress lines
+            # report instead, Tune's stdout is dropped (its warnings and errors go to stderr and stay).
+            with contextlib.redirect_stdout(io.StringIO()) if progress else contextlib.nullcontext():
+                tuner.fit()
         except BaseException as exc:
             close_open_children(client, experiment_id, parent_id, tracking.status_for(exc))
             raise

@@ -22,6 +22,7 @@ A sweep file looks like::
 from __future__ import annotations
 
 import ast
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,7 +37,7 @@ from ray import tune
 
 from deconvlab.build import build_task
 from deconvlab.config import compose_config, config_groups, project_root
-from deconvlab.errors import UserError, first_line
+from deconvlab.errors import UserError, choose_from, first_line
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "quniform", "loguniform", "qloguniform", "randint", "qrandint")
 SCHEDULERS = ("fifo", "asha", "pbt")
@@ -132,6 +133,11 @@ class SweepSpec:
         return [f"experiment={self.experiment}", *self.overrides,
                 *(f"{key}={_override_value(value)}" for key, value in sampled.items())]
 
+    def trial_count(self) -> int:
+        """How many trials the sweep runs: samples x grid points x seeds (a grid is run whole per sample)."""
+        grid_points = math.prod(len(d.args[0]) for d in self.search_space.values() if d.kind == "grid")
+        return self.num_samples * grid_points * self.repeats
+
     def with_smoke_test(self) -> SweepSpec:
         """The same sweep made tiny: its ``smoke_test`` block's overrides and sample count."""
         smoke = dict(self.smoke_test)
@@ -194,16 +200,17 @@ def sweeps_dir() -> Path:
 
 
 def resolve_sweep_path(name_or_path: str) -> Path:
-    """``quickstart`` -> sweeps/quickstart.yaml; a path is taken as is."""
+    """``quickstart`` or ``quickstart.yaml`` -> sweeps/quickstart.yaml; a path to a YAML file is taken as is."""
     candidate = Path(name_or_path)
     if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
         return candidate
-    named = sweeps_dir() / f"{name_or_path}.yaml"
+    name = candidate.name.removesuffix(".yaml").removesuffix(".yml") if candidate.parent == Path() else name_or_path
+    named = sweeps_dir() / f"{name}.yaml"
     if named.is_file():
         return named
     known = sorted(p.stem for p in sweeps_dir().glob("*.yaml"))
     raise UserError(f"unknown sweep {name_or_path!r}", str(sweeps_dir()),
-                    f"choose one of: {', '.join(known) or '(none)'} or give a path to a sweep YAML")
+                    f"{choose_from(name, known, 'deconvlab list sweeps')} or give a path to a sweep YAML")
 
 
 REQUIRED = ("experiment", "metric", "mode", "search_space")

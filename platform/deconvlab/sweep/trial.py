@@ -17,6 +17,7 @@ import pytorch_lightning as pl
 import torch
 from ray import tune
 
+from deconvlab.console import quiet_third_party
 from deconvlab.sweep.distributed import fit_with_ray_train
 from deconvlab.sweep.spec import trial_config
 from deconvlab.sweep.trial_callbacks import (
@@ -39,7 +40,7 @@ def resume_point(checkpoint: tune.Checkpoint | None) -> tuple[str | None, dict[s
 
 
 def run_trial(sampled: dict[str, Any], sweep: dict[str, Any], extra_overrides: list[str],
-              storage_path: str | None = None) -> None:
+              storage_path: str | None = None, verbose: bool = False) -> None:
     """The Tune function trainable.
 
     Args:
@@ -47,7 +48,9 @@ def run_trial(sampled: dict[str, Any], sweep: dict[str, Any], extra_overrides: l
         sweep: the sweep spec as a dict (:meth:`~.spec.SweepSpec.to_dict`).
         extra_overrides: Hydra overrides given on the command line, for every trial.
         storage_path: Ray's storage, where a multi-worker trial's Ray Train run keeps its checkpoints.
+        verbose: keep the stack's chatter in this worker's output (``deconvlab sweep --verbose``).
     """
+    quiet_third_party(verbose)  # this Ray worker is a process of its own: the CLI's filters are not here
     context = tune.get_context()
     output_dir = os.path.join(tempfile.gettempdir(), "deconvlab-trials", context.get_trial_id())
     cfg = trial_config(sweep, sampled, output_dir, extra_overrides)
