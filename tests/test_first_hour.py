@@ -174,3 +174,12 @@ def test_a_smoke_sweep_prints_one_line_per_trial_and_ends_with_its_summary(tmp_p
     assert len([line for line in lines if re.match(r"\[\d\d:\d\d\] trial \w+ (started|finished|stopped)", line)]) == 8
     assert lines[-1].startswith("sweep parent run ")
     assert len(lines) < 40
+
+
+def test_a_reader_that_stops_early_is_not_an_error(tmp_path):
+    """``deconvlab list | head -1``: the closed pipe ends the command quietly, exit 0."""
+    listing = subprocess.Popen([sys.executable, "-m", "deconvlab.cli", "list"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, cwd=tmp_path)
+    listing.stdout.close()  # the reader is gone before the command writes a line
+    _, err = listing.communicate(timeout=60)
+    assert listing.returncode == 0 and not err, err

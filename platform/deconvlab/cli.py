@@ -93,6 +93,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        from deconvlab.sweep.dry_run import format_plan, plan_sweep
+
+        print("\n".join(format_plan(plan_sweep(args.sweep, args.overrides, smoke_test=args.smoke_test))))
+        return 0
     from deconvlab.sweep.runner import run_sweep
 
     outcome = run_sweep(args.sweep, args.overrides, address=args.address, smoke_test=args.smoke_test,
@@ -303,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue the newest interrupted run of this sweep "
                             "(same --storage and tracking store)")
     sweep.add_argument("--quiet", action="store_true", help="no progress output or leaderboard")
+    sweep.add_argument("--dry-run", action="store_true",
+                       help="validate, print the search space and the first trials' overrides, and exit "
+                            "(no Ray, no run)")
     sweep.set_defaults(func=cmd_sweep)
 
     listing = sub.add_parser("list", help="what can be run: experiments, models, data, sweeps")
@@ -365,13 +373,20 @@ def run_guarded(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
     else is internal and exits 1; with ``--debug`` the traceback is shown instead.
     """
     try:
-        return func(args)
+        code = func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the guard, not in Python's exit flush
+        return code
     except (KeyboardInterrupt, SystemExit) as exc:
         if not was_interrupted(exc):  # a deliberate sys.exit(code) goes through unchanged
             raise
         print(f"error: interrupted (deconvlab {args.command}): runs were closed KILLED; "
               "a sweep continues with deconvlab sweep NAME --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `deconvlab runs | head`: the reader left, which is not an error. Python would report the pipe
+        # again when flushing stdout at exit, so stdout goes to /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
         if args.debug:
             raise
