@@ -25,8 +25,10 @@ FLOORS: list[tuple[str, ...]] = [
     ("cost", "model_io"),
     ("train", "evaluate", "compare", "predict", "promote", "runs"),
     ("sweep",),
-    ("cli", "__main__"),
+    ("cli", "__main__", "api"),
 ]
+# The package root imports nothing; were it to, it would stand on the top floor.
+ROOT_FLOOR = len(FLOORS) - 1
 # The command line imports each verb when its command runs: importing them all up front would cost
 # every `deconvlab --help` the start-up of torch, Lightning and MLflow (docs/architecture.md has the figures).
 LAZY_IMPORTS_ALLOWED = {"deconvlab.cli"}
@@ -44,6 +46,8 @@ def all_modules() -> dict[str, Path]:
 def floor_of(module: str) -> int:
     """The index of the floor ``module`` lives on."""
     relative = module.removeprefix("deconvlab").lstrip(".")
+    if not relative:
+        return ROOT_FLOOR
     best, best_len = None, -1
     for index, prefixes in enumerate(FLOORS):
         for prefix in prefixes:

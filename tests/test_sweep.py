@@ -56,6 +56,14 @@ def test_smoke_sweep_tracks_parent_and_finished_children(smoke_sweep):
     assert all("deconvlab.seed" not in c.data.tags and "deconvlab.config_id" in c.data.tags for c in children)
 
 
+def test_the_outcome_carries_tunes_results_for_every_trial(smoke_sweep):
+    outcome, _ = smoke_sweep
+    assert len(outcome.results) == len(outcome.leaderboard) and not outcome.results.errors
+    best = outcome.results.get_best_result(metric="val/psnr", mode="max", scope="all")
+    assert best.metrics_dataframe["val/psnr"].max() == pytest.approx(outcome.leaderboard.iloc[0]["best val/psnr"],
+                                                                     abs=1e-4)
+
+
 def test_every_trial_ends_finished_with_a_stop_reason_matching_its_epochs(smoke_sweep):
     outcome, client = smoke_sweep
     children = _children(client, outcome)

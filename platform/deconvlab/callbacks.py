@@ -1,7 +1,10 @@
-"""Lightning callbacks the platform adds to every run: sample images, and the training compute spent."""
+"""Lightning callbacks the platform adds to every run: sample images, the training compute spent, and the
+epoch lines of the run's ``train.log``."""
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,21 @@ class SampleImages(pl.Callback):
         else:
             save_images(images, Path(trainer.default_root_dir) / folder)
         pl_module.rendered_samples = {}
+
+
+RUN_LOGGER = "deconvlab.run"
+
+
+class EpochLog(pl.Callback):
+    """One line per validated epoch in the run's log (``train.log`` in its output folder): every scalar
+    metric Lightning holds at that point, sorted by name, so the file reads the same in every run."""
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        values = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+        shown = " ".join(f"{k}={v:.6g}" for k, v in sorted(values.items()) if not math.isnan(v))
+        logging.getLogger(RUN_LOGGER).info("epoch %d: %s", trainer.current_epoch, shown)
 
 
 class TrainingCompute(pl.Callback):

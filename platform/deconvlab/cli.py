@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from deconvlab.errors import UserError, did_you_mean, first_line, user_error_in, was_interrupted
+from deconvlab.errors import did_you_mean, first_line, user_error_in, was_interrupted
 
 EXIT_USER_ERROR, EXIT_INTERNAL_ERROR = 2, 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
@@ -57,18 +57,11 @@ def _quiet_environment() -> None:
         os.environ.setdefault(key, value)
 
 
-def _check_experiment_given(args: argparse.Namespace) -> None:
-    """``deconvlab train`` with no experiment would train conf/train.yaml's bare defaults as a run named
-    ``default``: refuse it and say how to pick one (``experiment=null`` composes by hand on purpose)."""
-    if args.from_run or args.cfg or any(o.lstrip("+").startswith("experiment=") for o in args.overrides):
-        return
-    raise UserError("no experiment given", "deconvlab train",
-                    "pick one with experiment=NAME, e.g. deconvlab train experiment=quickstart "
-                    "(deconvlab list experiments shows them; experiment=null composes conf/train.yaml by hand)")
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    _check_experiment_given(args)
+    if not (args.from_run or args.cfg):  # printing the bare defaults is harmless; training them is not
+        from deconvlab.config import require_experiment
+
+        require_experiment(args.overrides, "deconvlab train", "deconvlab train experiment=quickstart")
     quiet = ["trainer.enable_progress_bar=false"] if args.quiet else []
     if args.from_run:
         from deconvlab.train import rerun_config

@@ -7,6 +7,7 @@ gets exactly the config a single run with the same overrides would get.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -122,6 +123,20 @@ def _explain(exc: HydraException, overrides: list[str]) -> UserError:
                          "a grid of runs is a sweep: put the values in a sweep file's search_space "
                          "(e.g. optim.lr: grid([1e-3, 1e-4])) and run deconvlab sweep FILE")
     return UserError(f"invalid config: {message}", " ".join(overrides), "fix the override or config file")
+
+
+def require_experiment(overrides: Sequence[str], where: str, example: str) -> None:
+    """Refuse overrides that pick no experiment: conf/train.yaml's bare defaults are not a run anyone means.
+
+    ``experiment=null`` is the explicit way to compose the groups by hand.
+
+    Raises:
+        UserError: no ``experiment=`` override, with ``example`` as what to write.
+    """
+    if not any(o.lstrip("+").startswith("experiment=") for o in overrides):
+        raise UserError("no experiment given", where,
+                        f"pick one with experiment=NAME, e.g. {example} (deconvlab list experiments shows them; "
+                        "experiment=null composes conf/train.yaml by hand)")
 
 
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:

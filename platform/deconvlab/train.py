@@ -11,6 +11,7 @@ driver then logs the trial's child run, so trials never write to the tracking st
 from __future__ import annotations
 
 import contextlib
+import logging
 import pickle
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,15 +28,18 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 
 from deconvlab import cost, tracking
+from deconvlab.access import redact
 from deconvlab.build import build_datamodule, build_task, build_trainer, checkpoint_model_weights
-from deconvlab.callbacks import training_compute
+from deconvlab.callbacks import RUN_LOGGER, EpochLog, training_compute
 from deconvlab.config import compose_config, config_groups
 from deconvlab.errors import UserError, first_line
 from deconvlab.perf import apply_perf
-from deconvlab.store import client_for, get_run, run_config
+from deconvlab.store import CONFIG_FILE, client_for, get_run, run_config
 from deconvlab.tasks.base import BaseTask
 
 RERUN_TAG = "deconvlab.rerun_of"
+# A run's record in its output folder (run_files), next to CONFIG_FILE, the name tracked runs log it under.
+OVERRIDES_FILE, LOG_FILE = "overrides.yaml", "train.log"
 
 
 @dataclass
@@ -95,6 +99,38 @@ def _tracked(cfg: DictConfig, extra_tags: Mapping[str, str]) -> Iterator[tuple[M
                               cfg.logger.get("artifact_root")) as (client, run_id):
         tracking.log_config(client, run_id, cfg)
         yield client, run_id
+
+
+@contextlib.contextmanager
+def run_files(cfg: DictConfig, output_dir: Path, run_id: str | None) -> Iterator[logging.Logger]:
+    """The run's own record in its output folder, tracked or not (as Hydra's ``.hydra/`` and ``train.log``):
+    ``config.yaml`` (resolved, credentials redacted; what ``evaluate``/``predict`` read beside a ``.ckpt``),
+    ``overrides.yaml`` (the command line's overrides) and ``train.log`` (start, one line per epoch, result).
+
+    Yields:
+        The run's logger; its lines go to ``train.log`` only, not to the terminal.
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / CONFIG_FILE).write_text(redact(OmegaConf.to_yaml(cfg, resolve=True)))
+    overrides = list(cfg.get("overrides") or [])
+    (output_dir / OVERRIDES_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
+    log = logging.getLogger(RUN_LOGGER)
+    handler = logging.FileHandler(output_dir / LOG_FILE)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    previous_level, log.propagate = log.level, False
+    log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    log.info("run %s of %s: overrides %s, tracked run %s", cfg.get("name"), cfg.task._target_, " ".join(overrides),
+             run_id or "none (logger disabled)")
+    try:
+        yield log
+    except BaseException as exc:
+        log.error("ended by %s: %s", type(exc).__name__, first_line(exc, 500))
+        raise
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+        log.setLevel(previous_level)
 
 
 def checked_output_dir(cfg: DictConfig) -> Path:
@@ -161,10 +197,10 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (),
     task = build_task(cfg)
     apply_perf(task, cfg.get("perf"))  # before the run opens: a missing compiler fails fast
     check_resume_checkpoint(task, cfg.get("ckpt_path"))
-    checked_output_dir(cfg)  # a run name that would put outputs outside paths.root_dir
-    with _tracked(cfg, tags or {}) as (client, run_id):
+    output_dir = checked_output_dir(cfg)  # a run name that would put outputs outside paths.root_dir
+    with _tracked(cfg, tags or {}) as (client, run_id), run_files(cfg, output_dir, run_id) as log:
         loggers = [MLFlowLogger(tracking_uri=client.tracking_uri, run_id=run_id)] if run_id else []
-        trainer, checkpoint = build_trainer(cfg, task, callbacks, loggers, trainer_overrides)
+        trainer, checkpoint = build_trainer(cfg, task, [*callbacks, EpochLog()], loggers, trainer_overrides)
         best = _fit_or_evaluate(trainer, task, datamodule, cfg.get("ckpt_path"), checkpoint)
         metrics = {**_scalar_metrics(trainer), **training_compute(trainer)}
         score = checkpoint.best_model_score if checkpoint.best_model_score is not None else metrics.get(task.monitor)
@@ -176,6 +212,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (),
             if best:
                 client.log_artifact(run_id, best, "checkpoints")
                 client.set_tag(run_id, "deconvlab.best_checkpoint", f"checkpoints/{Path(best).name}")
+        log.info("best %s = %s, checkpoint %s", task.monitor, metrics.get(f"best/{task.monitor}"), best)
     return TrainResult(metrics, best, run_id, (task.monitor, task.monitor_mode))
 
 

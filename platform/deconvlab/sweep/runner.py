@@ -16,6 +16,7 @@ import pyarrow.fs
 import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
+from ray.tune import ResultGrid
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 from ray.tune.search.optuna import OptunaSearch
 
@@ -46,6 +47,7 @@ class SweepOutcome:
     leaderboard: pd.DataFrame
     best_trial: str | None
     best_run_id: str | None
+    results: ResultGrid | None = None  # Ray Tune's own: every trial's config, metrics, checkpoint, error
 
 
 def _scheduler(spec: SweepSpec, max_epochs: int):
@@ -280,7 +282,7 @@ def run_sweep(name_or_path: str, overrides: Sequence[str] = (), address: str | N
             # Tune prints an experiment box and a TensorBoard hint even at verbose=0: when our progress lines
             # report instead, Tune's stdout is dropped (its warnings and errors go to stderr and stay).
             with contextlib.redirect_stdout(io.StringIO()) if progress else contextlib.nullcontext():
-                tuner.fit()
+                results = tuner.fit()
         except BaseException as exc:
             close_open_children(client, experiment_id, parent_id, tracking.status_for(exc))
             raise
@@ -293,4 +295,4 @@ def run_sweep(name_or_path: str, overrides: Sequence[str] = (), address: str | N
         print_leaderboard(table, spec.name, spec.metric, spec.mode, uri)
     best = table.iloc[0] if len(table) else None
     return SweepOutcome(parent_id, experiment, path, table, None if best is None else best["trial"],
-                        None if best is None else best["mlflow_run"])
+                        None if best is None else best["mlflow_run"], results)
