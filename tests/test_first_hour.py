@@ -183,3 +183,8 @@ def test_a_reader_that_stops_early_is_not_an_error(tmp_path):
     listing.stdout.close()  # the reader is gone before the command writes a line
     _, err = listing.communicate(timeout=60)
     assert listing.returncode == 0 and not err, err
+
+
+def test_overrides_may_follow_options(capsys):
+    code, out, _ = _cli(capsys, "train", "--cfg", "job", "experiment=quickstart", "--quiet", "trainer.max_epochs=7")
+    assert code == 0 and "max_epochs: 7" in out

@@ -101,6 +101,32 @@ def build_datamodule(data: DictConfig | Mapping[str, Any], stage: str | None = N
     return datamodule
 
 
+def build_callbacks(cfg: DictConfig) -> list[Callback]:
+    """The Lightning callbacks chosen in config (``callbacks=[early_stopping,lr_monitor]``, conf/callbacks/),
+    built before a run opens so a bad one leaves no run behind.
+
+    Raises:
+        UserError: ``trainer.callbacks`` set (the platform passes the trainer its own list; a value there
+            would be dropped without a word), or a callback that cannot be built.
+    """
+    if "callbacks" in cfg.trainer:
+        raise UserError("trainer.callbacks would be replaced by the platform's callbacks", "trainer.callbacks",
+                        "choose callbacks with callbacks=[early_stopping,lr_monitor] (conf/callbacks/) or add one "
+                        "with +callbacks.NAME={_target_:pytorch_lightning.callbacks.ClassName}")
+    built = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        try:
+            callback = instantiate(node)
+        except InstantiationException as exc:
+            raise UserError(f"callback {name!r} cannot be built: {first_line(exc.__cause__ or exc, 500)}",
+                            f"callbacks.{name}", "fix its arguments (deconvlab train --cfg job shows them)") from None
+        if not isinstance(callback, Callback):
+            raise UserError(f"callbacks.{name} builds a {type(callback).__name__}, not a Lightning Callback",
+                            f"callbacks.{name}._target_", "point _target_ at a pytorch_lightning.Callback class")
+        built.append(callback)
+    return built
+
+
 def build_trainer(cfg: DictConfig, task: BaseTask, callbacks: Sequence[Callback],
                   loggers: Sequence[pl.loggers.Logger],
                   trainer_overrides: dict[str, Any] | None = None) -> tuple[pl.Trainer, ModelCheckpoint]:

@@ -54,6 +54,21 @@ class EpochLog(pl.Callback):
         logging.getLogger(RUN_LOGGER).info("epoch %d: %s", trainer.current_epoch, shown)
 
 
+class LearningRateLog(pl.Callback):
+    """The learning rate of every optimiser's first parameter group as metric ``lr`` (``lr/1``, ... for more
+    optimisers), logged at the end of each training epoch.
+
+    Lightning's ``LearningRateMonitor`` writes to loggers only and refuses a trainer without one, which is
+    every sweep trial (the driver logs trials) and every ``logger=none`` run; logged through the module,
+    the value reaches the tracked run, the trial's reports to Ray and ``train.log`` alike.
+    """
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for index, optimizer in enumerate(trainer.optimizers):
+            key = "lr" if index == 0 else f"lr/{index}"
+            pl_module.log(key, float(optimizer.param_groups[0]["lr"]), on_step=False, on_epoch=True)
+
+
 class TrainingCompute(pl.Callback):
     """Cumulative training compute, logged after each epoch's training (at its validation) as metrics.
 

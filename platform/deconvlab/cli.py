@@ -397,6 +397,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_environment()
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    if hasattr(args, "overrides"):  # `train experiment=x --quiet key=value`: argparse stops at the option
+        args.overrides += [arg for arg in unknown if not arg.startswith("-")]
+        unknown = [arg for arg in unknown if arg.startswith("-")]
     if unknown:  # reported by the subcommand's parser, so the error names `deconvlab train`, not `deconvlab`
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     from deconvlab.console import quiet_third_party

@@ -67,9 +67,12 @@ def _check_group_choices(overrides: list[str]) -> None:
             raise UserError(f"override {override!r} is not of the form key=value", override,
                             "write overrides like experiment=quickstart trainer.max_epochs=3")
         key, value = parsed
-        if key in groups and value not in ("null", "") and value not in group_options(key):
-            raise UserError(f"unknown {key} {value!r}", f"conf/{key}/",
-                            choose_from(value, group_options(key), LISTED_GROUPS.get(key, "")))
+        # A group takes one option, or a list of them: callbacks=[early_stopping,lr_monitor].
+        options = value[1:-1].split(",") if value.startswith("[") and value.endswith("]") else [value]
+        for option in (o.strip() for o in options):
+            if key in groups and option not in ("null", "") and option not in group_options(key):
+                raise UserError(f"unknown {key} {option!r}", f"conf/{key}/",
+                                choose_from(option, group_options(key), LISTED_GROUPS.get(key, "")))
 
 
 def _type_name(value: object) -> str:

@@ -29,7 +29,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 
 from deconvlab import cost, tracking
 from deconvlab.access import redact
-from deconvlab.build import build_datamodule, build_task, build_trainer, checkpoint_model_weights
+from deconvlab.build import build_callbacks, build_datamodule, build_task, build_trainer, checkpoint_model_weights
 from deconvlab.callbacks import RUN_LOGGER, EpochLog, training_compute
 from deconvlab.config import compose_config, config_groups
 from deconvlab.errors import UserError, first_line
@@ -197,10 +197,12 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (),
     task = build_task(cfg)
     apply_perf(task, cfg.get("perf"))  # before the run opens: a missing compiler fails fast
     check_resume_checkpoint(task, cfg.get("ckpt_path"))
+    chosen_callbacks = build_callbacks(cfg)  # conf/callbacks/: built before the run opens
     output_dir = checked_output_dir(cfg)  # a run name that would put outputs outside paths.root_dir
     with _tracked(cfg, tags or {}) as (client, run_id), run_files(cfg, output_dir, run_id) as log:
         loggers = [MLFlowLogger(tracking_uri=client.tracking_uri, run_id=run_id)] if run_id else []
-        trainer, checkpoint = build_trainer(cfg, task, [*callbacks, EpochLog()], loggers, trainer_overrides)
+        trainer, checkpoint = build_trainer(cfg, task, [*chosen_callbacks, *callbacks, EpochLog()], loggers,
+                                            trainer_overrides)
         best = _fit_or_evaluate(trainer, task, datamodule, cfg.get("ckpt_path"), checkpoint)
         metrics = {**_scalar_metrics(trainer), **training_compute(trainer)}
         score = checkpoint.best_model_score if checkpoint.best_model_score is not None else metrics.get(task.monitor)
