@@ -40,8 +40,6 @@ class OneLineParser(argparse.ArgumentParser):
 
     def _fix_for(self, message: str) -> str:
         unknown = message.removeprefix("unrecognized arguments: ").split()
-        if any(arg in ("-m", "--multirun") for arg in unknown):
-            return "deconvlab has no Hydra multirun: a grid of runs is a sweep (deconvlab sweep NAME, sweeps/*.yaml)"
         dashed = [arg for arg in unknown if arg.startswith("--") and arg[2:].replace("-", "_").isidentifier()]
         if dashed and message.startswith("unrecognized"):
             key = dashed[0][2:].split("=")[0]
@@ -58,6 +56,13 @@ def _quiet_environment() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.multirun:
+        return _multirun(args)
+    if args.dry_run:
+        from deconvlab.errors import UserError
+
+        raise UserError("--dry-run plans a multirun", "deconvlab train --dry-run",
+                        "add -m and comma lists (deconvlab train -m --dry-run experiment=NAME key=a,b), or drop it")
     if not (args.from_run or args.cfg):  # printing the bare defaults is harmless; training them is not
         from deconvlab.config import require_experiment
 
@@ -83,6 +88,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"run {result.run_id}: best {monitor} = {result.metrics.get(f'best/{monitor}', float('nan')):.4f}")
     print(f"best checkpoint: {result.best_checkpoint}")
     return 0
+
+
+def _multirun(args: argparse.Namespace) -> int:
+    """``train -m``: the grid of comma lists written as a sweep file, then run (or planned) as that sweep."""
+    from deconvlab.sweep.multirun import write_multirun_sweep
+
+    overrides = args.overrides
+    if args.from_run or args.cfg:
+        from deconvlab.errors import UserError
+
+        raise UserError("-m does not combine with --from-run or --cfg", "deconvlab train -m",
+                        "write the grid as overrides: deconvlab train -m experiment=NAME key=a,b")
+    args.overrides, args.smoke_test, args.address, args.storage, args.resume = [], False, None, None, False
+    if args.dry_run:  # nothing is written: the sweep file lives as long as the plan takes
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as scratch:
+            args.sweep = str(write_multirun_sweep(overrides, scratch))
+            return cmd_sweep(args)
+    args.sweep = str(write_multirun_sweep(overrides))
+    print(f"multirun: the grid is sweep file {args.sweep} (deconvlab sweep {args.sweep} runs it again)", flush=True)
+    return cmd_sweep(args)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -288,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "has no separate hydra: section)")
     train.add_argument("--resolve", action="store_true", help="with --cfg: resolve interpolations")
     train.add_argument("--quiet", action="store_true", help="no progress bars (for scripts and logs)")
+    train.add_argument("-m", "--multirun", action="store_true",
+                       help="Hydra's multirun: every key=a,b list is a grid dimension; the grid runs as a sweep "
+                            "(Ray Tune, one MLflow parent run) from a sweep file written under outputs/multirun/")
+    train.add_argument("--dry-run", action="store_true", help="with -m: print the grid's trials and exit")
     train.set_defaults(func=cmd_train)
 
     sweep = sub.add_parser("sweep",

@@ -123,8 +123,8 @@ def _explain(exc: HydraException, overrides: list[str]) -> UserError:
     if "Ambiguous value" in message:  # Hydra's multirun list (a,b) given to a single run
         listed = next((o for o in overrides if "," in o), " ".join(overrides))
         return UserError(f"{listed!r} lists several values: one run takes one value", listed,
-                         "a grid of runs is a sweep: put the values in a sweep file's search_space "
-                         "(e.g. optim.lr: grid([1e-3, 1e-4])) and run deconvlab sweep FILE")
+                         "add -m to run the grid as a sweep (deconvlab train -m ...), or write a sweep file "
+                         "with e.g. optim.lr: grid([1e-3, 1e-4]) and run deconvlab sweep FILE")
     return UserError(f"invalid config: {message}", " ".join(overrides), "fix the override or config file")
 
 

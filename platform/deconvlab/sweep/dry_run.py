@@ -82,8 +82,7 @@ def format_plan(plan: SweepPlan) -> list[str]:
              + (f" x {plan.total // (spec.num_samples * spec.repeats)} grid points"
                 if plan.total != spec.num_samples * spec.repeats else "")
              + (f" x {spec.repeats} seeds" if spec.repeats > 1 else ""),
-             f"  scheduler: {spec.scheduler}; search: {spec.search}; "
-             f"at most {spec.max_concurrent_trials or 'unlimited'} at a time",
+             f"  scheduler: {spec.scheduler}; search: {spec.search}; {spec.concurrency()}",
              f"  resources per trial: {spec.resources}{workers}; max_failures: {spec.max_failures}",
              "  search space:"]
     lines += [f"    {key}: {dist.kind}({', '.join(map(repr, dist.args))})" for key, dist in spec.search_space.items()]

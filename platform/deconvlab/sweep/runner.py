@@ -192,8 +192,7 @@ def describe_plan(spec: SweepSpec) -> str:
     trials = spec.trial_count()
     scheduler = {"asha": "ASHA", "pbt": "PBT", "fifo": "no early stopping"}.get(spec.scheduler["type"],
                                                                              spec.scheduler["type"])
-    return (f"{trials} trials ({scheduler}, {spec.search['type']} search), "
-            f"{spec.max_concurrent_trials or 'as many as fit'} at a time")
+    return f"{trials} trials ({scheduler}, {spec.search['type']} search), {spec.concurrency()}"
 
 
 def _build_tuner(spec, trainable, storage, run_name, callbacks, scheduler, searcher, verbosity, restore_path,

@@ -138,6 +138,11 @@ class SweepSpec:
         grid_points = math.prod(len(d.args[0]) for d in self.search_space.values() if d.kind == "grid")
         return self.num_samples * grid_points * self.repeats
 
+    def concurrency(self) -> str:
+        """``2 at a time`` or ``as many at a time as the cluster fits`` (max_concurrent_trials: 0)."""
+        return f"{self.max_concurrent_trials} at a time" if self.max_concurrent_trials else \
+            "as many at a time as the cluster fits"
+
     def with_smoke_test(self) -> SweepSpec:
         """The same sweep made tiny: its ``smoke_test`` block's overrides and sample count."""
         smoke = dict(self.smoke_test)
