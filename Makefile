@@ -4,15 +4,15 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install quickstart test test-fast lint clean
+.PHONY: install quickstart test test-fast lint clean constraints
 
 install: $(BIN)/deconvlab
 
-$(BIN)/deconvlab: pyproject.toml
+$(BIN)/deconvlab: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(BIN)/deconvlab
 
 quickstart: install
@@ -23,6 +23,12 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# After upgrading a dependency in the venv: pin what is installed now (torch without its +cpu local label,
+# so the Docker image's CUDA build satisfies the same pin). Run make test before committing the result.
+constraints: install
+	{ sed -n '1,2p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+.*/torch==\1/'; } > constraints.tmp
+	mv constraints.tmp constraints.txt
 
 lint: install
 	$(BIN)/ruff check platform tests benchmarks

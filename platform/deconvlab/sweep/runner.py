@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune import ResultGrid
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
-from ray.tune.search.optuna import OptunaSearch
+from ray.tune.stopper import Stopper
 
 from deconvlab import tracking
 from deconvlab.config import compose_config
@@ -61,12 +61,39 @@ def _scheduler(spec: SweepSpec, max_epochs: int):
     return FIFOScheduler()
 
 
+class ThresholdStopper(Stopper):
+    """A sweep file's ``stop``: a trial ends once a reported value reaches its threshold, the sweep's metric
+    in its mode's direction (Tune's own dict ``stop`` compares with ``>=`` only, which would end every trial
+    of a ``min`` sweep at once)."""
+
+    def __init__(self, thresholds: dict[str, float], metric: str, mode: str) -> None:
+        self.thresholds, self.metric, self.mode = thresholds, metric, mode
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        for key, threshold in self.thresholds.items():
+            if key not in result:
+                continue
+            below = key == self.metric and self.mode == "min"
+            if (result[key] <= threshold) if below else (result[key] >= threshold):
+                return True
+        return False
+
+    def stop_all(self) -> bool:
+        return False
+
+
 def _searcher(spec: SweepSpec):
     if spec.search["type"] != "optuna":
         return None
     if any(d.kind == "grid" for d in spec.search_space.values()):
         raise UserError("optuna search cannot take grid(...) dimensions", f"{spec.path}: search_space",
                         "use choice(...) with optuna, or search: {type: grid}")
+    try:  # an optional dependency (pip install 'deconvlab[optuna]'): only optuna sweeps need it
+        import optuna  # noqa: F401  (Ray imports it lazily and fails late)
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError:
+        raise UserError("search: {type: optuna} needs Optuna, which is not installed", f"{spec.path}: search",
+                        "pip install 'deconvlab[optuna]', or use search: {type: random}") from None
     return OptunaSearch(**{k: v for k, v in spec.search.items() if k != "type"})
 
 
@@ -204,11 +231,12 @@ def _build_tuner(spec, trainable, storage, run_name, callbacks, scheduler, searc
     return tune.Tuner(
         trainable, param_space=space,
         tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler,
-                                    **search_settings(spec, searcher, base_seed),
+                                    **search_settings(spec, searcher, base_seed), time_budget_s=spec.time_budget_s,
                                     # A fresh actor per trial re-imports torch and Lightning (seconds each).
                                     reuse_actors=True),
         run_config=tune.RunConfig(
             name=run_name, storage_path=storage, callbacks=callbacks, verbose=verbosity,
+            stop=ThresholdStopper(spec.stop, spec.metric, spec.mode) if spec.stop else None,
             # PBT exploits other trials' recent checkpoints: deleting them too early breaks its restores
             # (Ray warns below 3; a FileNotFoundError was seen here with 2).
             checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if spec.scheduler["type"] == "pbt" else 2,

@@ -16,7 +16,12 @@ A sweep file looks like::
     max_concurrent_trials: 2
     resources: {cpu: 1, gpu: 0}
     workers_per_trial: 1
+    time_budget_s: 3600                 # optional: the whole sweep stops after this many seconds
+    stop: {val/psnr: 30}                # optional: a trial stops once a reported value reaches its threshold
     smoke_test: {num_samples: 3, overrides: [debug=smoke], search_space: {model.width: choice([16])}}
+
+``stop`` thresholds on the sweep's metric are reached in its ``mode``'s direction (``>=`` for max, ``<=`` for
+min); any other reported key (``training_iteration``, ``time_total_s``, ...) stops at ``>=``.
 """
 
 from __future__ import annotations
@@ -125,6 +130,8 @@ class SweepSpec:
     workers_per_trial: int = 1
     max_failures: int = 0
     repeats: int = 1
+    time_budget_s: float | None = None
+    stop: dict[str, float] = field(default_factory=dict)
     smoke_test: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -219,8 +226,10 @@ def resolve_sweep_path(name_or_path: str) -> Path:
 
 
 REQUIRED = ("experiment", "metric", "mode", "search_space")
+# What Ray Tune adds to every reported result: valid stop keys besides the task's metrics.
+TUNE_RESULT_KEYS = ("training_iteration", "time_total_s", "time_this_iter_s", "epoch")
 KNOWN_KEYS = {*REQUIRED, "overrides", "scheduler", "search", "num_samples", "repeats", "max_concurrent_trials",
-              "resources", "workers_per_trial", "max_failures", "smoke_test", "description"}
+              "resources", "workers_per_trial", "max_failures", "smoke_test", "description", "time_budget_s", "stop"}
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:
@@ -265,7 +274,7 @@ def _check_keys(data: dict[str, Any], path: Path) -> None:
 # Keys holding a whole number, with their smallest valid value (max_failures=-1: retry without limit).
 INTEGER_KEYS = {"num_samples": 1, "repeats": 1, "max_concurrent_trials": 0, "workers_per_trial": 1,
                 "max_failures": -1}
-MAPPING_KEYS = ("scheduler", "search", "resources", "smoke_test", "search_space")
+MAPPING_KEYS = ("scheduler", "search", "resources", "smoke_test", "search_space", "stop")
 
 
 def _check_types(data: dict[str, Any], path: Path, prefix: str = "") -> None:
@@ -283,6 +292,14 @@ def _check_types(data: dict[str, Any], path: Path, prefix: str = "") -> None:
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise UserError(f"{prefix}overrides must be a list of key=value strings, got {overrides!r}",
                         f"{path}: {prefix}overrides", "e.g. overrides: [trainer.max_epochs=6]")
+    budget = data.get("time_budget_s")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0):
+        raise UserError(f"{prefix}time_budget_s must be a number of seconds > 0, got {budget!r}",
+                        f"{path}: {prefix}time_budget_s", "e.g. time_budget_s: 3600 (the sweep stops after an hour)")
+    for key, threshold in (data.get("stop") or {}).items():
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+            raise UserError(f"{prefix}stop.{key} must be a number, got {threshold!r}", f"{path}: {prefix}stop",
+                            "e.g. stop: {val/psnr: 30, training_iteration: 20}")
     for kind, amount in (data.get("resources") or {}).items():
         if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
             raise UserError(f"resources.{kind} must be a number >= 0, got {amount!r}", f"{path}: resources",
@@ -305,6 +322,8 @@ def load_sweep(name_or_path: str) -> SweepSpec:
         resources={k: float(v) for k, v in resources.items()},
         workers_per_trial=int(data.get("workers_per_trial", 1)), max_failures=int(data.get("max_failures", 0)),
         repeats=int(data.get("repeats", 1)),
+        time_budget_s=None if data.get("time_budget_s") is None else float(data["time_budget_s"]),
+        stop={str(k): float(v) for k, v in (data.get("stop") or {}).items()},
         smoke_test=dict(data.get("smoke_test") or {}), raw=data)
 
 
@@ -360,6 +379,10 @@ def validate(spec: SweepSpec, extra_overrides: list[str] = ()) -> None:
     if spec.metric not in reported:
         raise UserError(f"metric {spec.metric!r} is never reported by this experiment", f"{spec.path}: metric",
                         f"choose one of: {', '.join(sorted(reported))}")
+    for key in spec.stop:
+        if key not in reported and key not in TUNE_RESULT_KEYS:
+            raise UserError(f"stop key {key!r} is never reported, so it would never stop a trial",
+                            f"{spec.path}: stop", choose_from(key, [*reported, *TUNE_RESULT_KEYS]))
 
 
 def _check_model_builds(cfg, where: str) -> None:
