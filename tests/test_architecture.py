@@ -25,7 +25,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("cost", "model_io"),
     ("train", "evaluate", "compare", "predict", "promote", "runs"),
     ("sweep",),
-    ("cli", "__main__", "api"),
+    ("cli", "__main__", "api", "completion"),
 ]
 # The package root imports nothing; were it to, it would stand on the top floor.
 ROOT_FLOOR = len(FLOORS) - 1

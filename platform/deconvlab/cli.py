@@ -362,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_registry_commands(sub)
     parser.commands = sub.choices
+    completion = sub.add_parser("completion",
+                                help="print a shell completion script: eval \"$(deconvlab completion bash)\"")
+    completion.add_argument("shell", choices=["bash", "zsh"])
+    completion.set_defaults(func=lambda args: _print_completion(parser, args.shell))
     helping = sub.add_parser("help", help="help on deconvlab or one command: deconvlab help train")
     helping.add_argument("topic", nargs="?", choices=sorted(sub.choices), metavar="COMMAND")
     helping.set_defaults(func=lambda args: _print_help(parser, sub, args.topic))
@@ -375,6 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _print_help(parser: argparse.ArgumentParser, sub: argparse._SubParsersAction, topic: str | None) -> int:
     """``deconvlab help [COMMAND]``, as git has it: the same text as ``--help``."""
     (sub.choices[topic] if topic else parser).print_help()
+    return 0
+
+
+def _print_completion(parser: argparse.ArgumentParser, shell: str) -> int:
+    from deconvlab.completion import completion_script
+
+    print(completion_script(parser, shell), end="")
     return 0
 
 
