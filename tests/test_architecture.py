@@ -23,7 +23,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("tracking", "store", "access", "locks"),
     ("callbacks", "build"),
     ("cost", "model_io"),
-    ("train", "evaluate", "compare", "predict", "promote", "runs"),
+    ("train", "evaluate", "compare", "predict", "promote", "runs", "datacheck"),
     ("sweep",),
     ("cli", "__main__", "api", "completion"),
 ]

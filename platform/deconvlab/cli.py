@@ -152,6 +152,15 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from deconvlab.datacheck import check_data, format_checks
+
+    checks = check_data(args.overrides)
+    data = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("data=")), "of the default config")
+    print("\n".join(format_checks(checks, data)))
+    return EXIT_USER_ERROR if any(check.problems for check in checks) else 0
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     from deconvlab.runs import print_runs_table
 
@@ -341,6 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("kind", nargs="?", choices=[*KINDS, "sweeps"])
     listing.set_defaults(func=cmd_list)
 
+    data = sub.add_parser("data",
+                          help="check a data set before training: deconvlab data check data=camvid data.root=DIR")
+    data.add_argument("action", choices=["check"],
+                      help="check: read every item of the train, val and test splits once; counts, input shapes, "
+                           "label histograms and every problem with its file; exit 2 if any")
+    data.add_argument("overrides", nargs="*", help="data=NAME, data.root=DIR, or experiment=NAME for its data")
+    data.set_defaults(func=cmd_data)
+
     runs = sub.add_parser("runs", help="a table of tracked runs and their key metrics")
     runs.add_argument("--experiment", help="MLflow experiment name (default: all)")
     runs.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
@@ -444,9 +461,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         unknown = [arg for arg in unknown if arg.startswith("-")]
     if unknown:  # reported by the subcommand's parser, so the error names `deconvlab train`, not `deconvlab`
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    from deconvlab.console import quiet_third_party
+    from deconvlab.console import quiet_third_party, set_progress
 
     quiet_third_party(verbose=args.verbose or args.debug)
+    set_progress(not getattr(args, "quiet", False))
     return run_guarded(args.func, args)
 
 

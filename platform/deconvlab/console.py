@@ -16,6 +16,12 @@ import logging
 import re
 import sys
 import warnings
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
+# Progress bars for long preparation steps; `--quiet` turns them off (set_progress(False)).
+_progress_enabled = True
 
 # Loggers whose INFO lines are chatter: "GPU available", the litlogger tip, "`Trainer.fit` stopped",
 # "Creating initial MLflow database tables". Their warnings and errors still show.
@@ -64,3 +70,25 @@ def is_terminal(stream=None) -> bool:
 def plain(text: str) -> str:
     """``text`` without ANSI colour and cursor codes (for logs, pipes and CI)."""
     return ANSI_ESCAPE.sub("", text)
+
+
+def set_progress(enabled: bool) -> None:
+    """Turn progress bars of long preparation steps on or off for this process (``--quiet``: off)."""
+    global _progress_enabled
+    _progress_enabled = enabled
+
+
+def progress(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    """``items``, with a progress bar on stderr while they are consumed (decoding volumes, scanning masks,
+    validating a sweep, measuring costs, checking data).
+
+    The bar shows only on an interactive terminal and not under ``--quiet``: logs, CI and sweep trials (Ray
+    workers have no terminal) get nothing. It is transient: it disappears when done, the output stays clean.
+    """
+    if not (_progress_enabled and is_terminal(sys.stderr)):
+        yield from items
+        return
+    from rich.console import Console
+    from rich.progress import track
+
+    yield from track(items, description=description, total=total, console=Console(stderr=True), transient=True)

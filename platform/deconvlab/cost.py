@@ -32,6 +32,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from deconvlab.build import build_datamodule, build_task
+from deconvlab.console import progress
 from deconvlab.errors import UserError
 from deconvlab.macs import count_macs
 from deconvlab.models import list_models
@@ -211,7 +212,7 @@ def trial_costs(client: MlflowClient, run_ids: list[str], log: bool = True) -> d
     costs: dict[str, ModelCost | None] = {}
     examples: dict[str, torch.Tensor] = {}
     torch.manual_seed(0)
-    for run_id in run_ids:
+    for run_id in progress(run_ids, f"measuring the cost of {len(run_ids)} trials"):
         try:
             cost, model = _measure_trial(client, run_id, examples)
         except Exception as exc:  # noqa: BLE001 - any model/config error: record it, keep the sweep

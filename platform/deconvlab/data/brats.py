@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from deconvlab.console import progress
 from deconvlab.data.base import SplitDataModule
 from deconvlab.data.patches import PatchGeometry, extract_patch, pad_image
 from deconvlab.data.patches import layout_of as patch_layout_of  # the argument's name is taken
@@ -297,7 +298,9 @@ class BratsDataModule(SplitDataModule):
             return phantom_cases(self.phantom_cases, first_seed, self.phantom_size)
         root = Path(self.root)
         folder = split if (root / split).is_dir() or split != "val" else "validation"
-        return [load_case(p, self.modalities, self.num_classes) for p in list_cases(root, folder)]
+        folders = list_cases(root, folder)
+        return [load_case(p, self.modalities, self.num_classes)
+                for p in progress(folders, f"decoding {len(folders)} {folder} cases")]
 
     def _make_plan(self, cases: list[Case]) -> dict:
         g = self.geometry

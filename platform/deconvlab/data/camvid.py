@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from deconvlab.boxes import largest_component_box
+from deconvlab.console import progress
 from deconvlab.data.base import SplitDataModule
 from deconvlab.errors import DataError, MissingDataError
 
@@ -142,7 +143,8 @@ def median_frequency_class_weights(root: str | None = None, split: str = "train"
     """
     folder = Path(root) if root is not None else default_camvid_root()
     pairs = list_pairs(folder, split)
-    masks = (read_pair(image, mask, num_classes, ignore_index)[1] for image, mask in pairs)
+    masks = (read_pair(image, mask, num_classes, ignore_index)[1]
+             for image, mask in progress(pairs, f"class weights: scanning {len(pairs)} {split} masks"))
     return median_frequency_weights(masks, num_classes, ignore_index).tolist()
 
 

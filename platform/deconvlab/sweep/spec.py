@@ -42,6 +42,7 @@ from ray import tune
 
 from deconvlab.build import build_task
 from deconvlab.config import compose_config, config_groups, project_root
+from deconvlab.console import progress
 from deconvlab.errors import UserError, choose_from, first_line
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "quniform", "loguniform", "qloguniform", "randint", "qrandint")
@@ -368,13 +369,13 @@ def validate(spec: SweepSpec, extra_overrides: list[str] = ()) -> None:
                             f"{spec.path}: search_space.{key}",
                             "use a dotted key that `deconvlab train --cfg job` shows")
     groups = set(config_groups())
-    for key, dist in spec.search_space.items():
-        for value in dist.values_for_validation():
-            cfg = compose_config([*spec.trial_overrides({key: value}), *extra_overrides])
-            # Switching a whole group (model=...) under an experiment's settings is what breaks builds;
-            # single values are checked by the trial itself (their validity can depend on each other).
-            if key in groups:
-                _check_model_builds(cfg, f"{spec.path}: search_space.{key}={value}")
+    checks = [(key, value) for key, dist in spec.search_space.items() for value in dist.values_for_validation()]
+    for key, value in progress(checks, f"validating {len(checks)} search-space values"):
+        cfg = compose_config([*spec.trial_overrides({key: value}), *extra_overrides])
+        # Switching a whole group (model=...) under an experiment's settings is what breaks builds;
+        # single values are checked by the trial itself (their validity can depend on each other).
+        if key in groups:
+            _check_model_builds(cfg, f"{spec.path}: search_space.{key}={value}")
     reported = task_metric_names(base)
     if spec.metric not in reported:
         raise UserError(f"metric {spec.metric!r} is never reported by this experiment", f"{spec.path}: metric",
