@@ -50,3 +50,38 @@ def test_a_missing_split_is_a_problem_unless_it_is_the_test_split(tmp_path, caps
     checks = {c.split: c for c in check_data(_overrides(root))}
     assert checks["train"].items == 2 and checks["val"].problems and "val" in checks["val"].problems[0]
     assert checks["test"].absent
+
+
+class _Terminal:
+    """A stand-in for an interactive stderr."""
+
+    def __init__(self) -> None:
+        self.text = []
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.text.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_progress_shows_on_a_terminal_and_not_under_quiet(monkeypatch):
+    import sys
+
+    from deconvlab.console import progress, set_progress
+
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert list(progress(range(3), "decoding 3 cases")) == [0, 1, 2]
+    assert "decoding 3 cases" in "".join(terminal.text)
+    terminal.text.clear()
+    set_progress(False)
+    try:
+        assert list(progress(range(3), "decoding 3 cases")) == [0, 1, 2]
+    finally:
+        set_progress(True)
+    assert terminal.text == []
