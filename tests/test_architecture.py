@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "platform" / "deconvlab"
 
 # Lowest first. A module belongs to the floor of the longest prefix that names it.
 FLOORS: list[tuple[str, ...]] = [
-    ("errors", "console"),
+    ("errors", "console", "tiling"),
     ("config", "perf", "boxes", "macs", "models", "data"),
     ("volume",),
     ("tasks",),
