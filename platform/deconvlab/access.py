@@ -16,10 +16,6 @@ import re
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
-from mlflow.tracking import MlflowClient
-from mlflow.utils.credentials import get_default_host_creds, read_mlflow_creds
-from mlflow.utils.rest_utils import http_request
-
 from deconvlab.errors import AccessRefused, UserError
 
 USERNAME_VARIABLE, PASSWORD_VARIABLE, TOKEN_VARIABLE = (
@@ -49,6 +45,8 @@ ARTIFACT_PATH = re.compile(r"/mlflow-artifacts/artifacts/(?P<experiment>[^/]+)/(
 # -- secrets never written ---------------------------------------------------------------------------------
 def secrets() -> list[str]:
     """The credentials of this process (password, token), wherever MLflow reads them from."""
+    from mlflow.utils.credentials import read_mlflow_creds
+
     found = [read_mlflow_creds().password, os.environ.get(TOKEN_VARIABLE)]
     return [s for s in found if s and len(s) >= MIN_SECRET_LENGTH]
 
@@ -116,6 +114,8 @@ def _artifact_experiment(url: str) -> str | None:
     match = ARTIFACT_PATH.search(url)
     if match is None:
         return None
+    from mlflow.tracking import MlflowClient
+
     parts = urlsplit(url)
     try:
         name = MlflowClient(f"{parts.scheme}://{parts.netloc}").get_experiment(match["experiment"]).name
@@ -134,6 +134,8 @@ def _server(tracking_uri: str | None, endpoint: str) -> str:
 def unauthenticated(server: str) -> AccessRefused:
     """The error for a server that did not accept this process's login (HTTP 401)."""
     server = f"the MLflow server {server}" if server else "the MLflow tracking server"
+    from mlflow.utils.credentials import read_mlflow_creds
+
     creds = read_mlflow_creds()
     if creds.username and creds.password:
         return AccessRefused(f"{server} rejected the login of user {creds.username!r} "
@@ -169,6 +171,8 @@ def refusal(exc: BaseException, resource: str | None = None, tracking_uri: str |
         return unauthenticated(server)
     action, kind = _action(endpoint, method)
     resource = resource or _artifact_experiment(endpoint) or f"the {kind} (refused: {urlsplit(endpoint).path})"
+    from mlflow.utils.credentials import read_mlflow_creds
+
     user = read_mlflow_creds().username or "(anonymous)"
     role = "the release role" if kind == "registered model" else "the trainers role"
     fix = (f"ask an admin of the server for READ on it ({DOCS})" if action.startswith("read")
@@ -197,6 +201,9 @@ def check_credentials(tracking_uri: str, timeout_s: float = 5.0) -> None:
     """
     if not tracking_uri.startswith(("http://", "https://")):
         return
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
     try:
         response = http_request(get_default_host_creds(tracking_uri), "/api/2.0/mlflow/experiments/search",
                                 "GET", max_retries=0, timeout=timeout_s, params={"max_results": 1})

@@ -162,9 +162,16 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
+    if args.json:
+        import json
+
+        from deconvlab.runs import run_rows
+
+        print(json.dumps(run_rows(args.experiment, args.tracking_uri, args.max_results), indent=2))
+        return 0
     from deconvlab.runs import print_runs_table
 
-    print_runs_table(args.experiment, args.tracking_uri, args.max_results)
+    print_runs_table(args.experiment, args.tracking_uri, args.max_results, wide=args.wide)
     return 0
 
 
@@ -248,11 +255,13 @@ def _add_registry_commands(sub: argparse._SubParsersAction) -> None:
     uri_help = "default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db"
     trust_help = "allow unpickling (checkpoints holding Python objects, other MLflow flavours): trusted only"
     promote = sub.add_parser("promote", help="register the best checkpoint of a sweep or run; move an alias")
-    promote.add_argument("source", help="a sweep name (its latest run), a sweep's parent run id, or a run id")
+    promote.add_argument("source", help="a sweep name (its latest run), a sweep's parent run id, or a run id "
+                                        "(a unique prefix of >= 6 characters will do)")
     promote.add_argument("--name", required=True, help="registered model name, e.g. quickstart-deblur")
     promote.add_argument("--metric", help="ranking metric (default: the sweep's, or the task's monitor)")
     promote.add_argument("--mode", choices=["max", "min"], help="default: the sweep's/task's")
-    promote.add_argument("--alias", default="champion", help="alias to move when the new version is better")
+    promote.add_argument("--alias", default="champion",
+                         help="alias to move when the new version is better (default: champion)")
     promote.add_argument("--force", action="store_true", help="move the alias even if not better")
     promote.add_argument("--tracking-uri", help=uri_help)
     promote.set_defaults(func=cmd_promote)
@@ -358,10 +367,20 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("overrides", nargs="*", help="data=NAME, data.root=DIR, or experiment=NAME for its data")
     data.set_defaults(func=cmd_data)
 
-    runs = sub.add_parser("runs", help="a table of tracked runs and their key metrics")
-    runs.add_argument("--experiment", help="MLflow experiment name (default: all)")
+    runs = sub.add_parser("runs", help="a table of tracked runs and their key metrics, per experiment",
+                          description="The newest runs, one table per experiment: the experiment's ranking metric "
+                                      "first, then the other best/ val/ test/ metrics sorted, as many columns as "
+                                      "the terminal fits. Ids are shown as the shortest unique prefix (>= 8); any "
+                                      "unique prefix of >= 6 characters works wherever a run id is accepted.")
+    runs.add_argument("--experiment", metavar="NAME",
+                      help="an experiment, or a sweep as you ran it (quickstart finds sweep-quickstart) "
+                           "(default: all experiments)")
     runs.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
-    runs.add_argument("--max-results", type=int, default=50)
+    runs.add_argument("--max-results", type=int, default=50, metavar="N",
+                      help="show the N newest runs (default: 50)")
+    runs.add_argument("--wide", action="store_true", help="every metric column, however wide")
+    runs.add_argument("--json", action="store_true",
+                      help="print the runs as JSON: full ids, every metric (for scripts)")
     runs.set_defaults(func=cmd_runs)
 
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 against the same store")

@@ -24,13 +24,13 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
-
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
-from mlflow.utils.credentials import read_mlflow_creds
+from typing import TYPE_CHECKING
 
 from deconvlab.access import refusal, refusals_named
 from deconvlab.errors import UserError, first_line
+
+if TYPE_CHECKING:  # MLflow is imported where it is used: it costs 1-2 s, which `deconvlab runs` does without
+    from mlflow.tracking import MlflowClient
 
 LOCK_SUFFIX = ".promotion-lock"
 TOKEN_TAG, HOLDER_TAG = "deconvlab.lock_token", "deconvlab.lock_holder"
@@ -51,12 +51,16 @@ def is_lock_name(name: str) -> bool:
 
 def _holder() -> str:
     """Who holds a lock, for the message a waiter sees: MLflow user, OS user, host and process."""
+    from mlflow.utils.credentials import read_mlflow_creds
+
     user = read_mlflow_creds().username or os.environ.get("USER") or "?"
     return f"{user} on {socket.gethostname()} (pid {os.getpid()})"
 
 
 def _lock_state(client: MlflowClient, lock: str) -> tuple[str, str] | None:
     """``(token, holder)`` of the lock row, or None when there is none."""
+    from mlflow.exceptions import MlflowException
+
     try:
         model = client.get_registered_model(lock)
     except MlflowException as exc:
@@ -67,12 +71,16 @@ def _lock_state(client: MlflowClient, lock: str) -> tuple[str, str] | None:
 
 
 def _delete(client: MlflowClient, lock: str) -> None:
+    from mlflow.exceptions import MlflowException
+
     with contextlib.suppress(MlflowException):  # already gone: released or broken by someone else
         client.delete_registered_model(lock)
 
 
 def _break(client: MlflowClient, lock: str, stale: tuple[str, str], lease_s: float) -> None:
     """Delete a lock row whose token has not changed for ``lease_s`` seconds (its holder died)."""
+    from mlflow.exceptions import MlflowException
+
     log.warning("breaking the promotion lock %s held by %s: unchanged for %g s", lock, stale[1], lease_s)
     try:
         if _lock_state(client, lock) == stale:
@@ -87,6 +95,8 @@ def _break(client: MlflowClient, lock: str, stale: tuple[str, str], lease_s: flo
 
 
 def _acquire(client: MlflowClient, lock: str, token: str, timeout_s: float, lease_s: float) -> None:
+    from mlflow.exceptions import MlflowException
+
     deadline = time.monotonic() + timeout_s
     seen, since = None, 0.0
     while True:

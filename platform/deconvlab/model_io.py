@@ -8,7 +8,8 @@ directory carries a ``python_function`` flavour whose loader is this module, so 
 (``mlflow.pyfunc.load_model``, ``mlflow models serve``) use the same safe path.
 
 Model URIs: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``models:/NAME`` (latest version),
-``runs:/RUN_ID`` (a run's own best checkpoint and ``config.yaml``) and the path of a local Lightning
+``runs:/RUN_ID`` (a run's own best checkpoint and ``config.yaml``; a unique prefix of >= 6 characters of
+the id will do) and the path of a local Lightning
 checkpoint (``.ckpt``, as ``deconvlab train`` writes under ``<output_dir>/checkpoints/``). A checkpoint's
 hyperparameters do not say which network or data it was trained with, so its config comes from a
 ``config.yaml`` given explicitly, else one next to it or in its run folder (``<output_dir>/config.yaml``,
@@ -48,7 +49,16 @@ from deconvlab.build import (
     rebuild_task,
 )
 from deconvlab.errors import UserError, first_line
-from deconvlab.store import CONFIG_FILE, checkpoint_artifact, client_for, find_version, get_run, run_config
+from deconvlab.store import (
+    CONFIG_FILE,
+    checkpoint_artifact,
+    client_for,
+    find_version,
+    get_run,
+    looks_like_run_id,
+    resolve_run_id,
+    run_config,
+)
 
 FLAVOR = "deconvlab"
 FORMAT_VERSION = 1
@@ -204,9 +214,10 @@ def _load_pyfunc(data_path: str) -> _PyfuncModel:
 
 
 MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))?/?$")
-RUNS_URI = re.compile(r"^runs:/(?P<run>[0-9a-fA-F]{32})(?:/.*)?$")
-URI_FIX = ("use models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID (deconvlab models lists them) "
-           "or the path of a .ckpt file")
+# The run part may be a unique prefix of the id (resolved by deconvlab.store.resolve_run_id).
+RUNS_URI = re.compile(r"^runs:/(?P<run>[^/]+)(?:/.*)?$")
+URI_FIX = ("use models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID (deconvlab models and deconvlab runs "
+           "list them) or the path of a .ckpt file")
 CHECKPOINT_SUFFIX = ".ckpt"
 
 
@@ -232,10 +243,27 @@ def load_model(uri: str, tracking_uri: str | None = None, trust: bool = False,
     if match := MODELS_URI.match(uri):
         return _load_version(client, uri, match, trust)
     if match := RUNS_URI.match(uri):
-        return _load_run(client, uri, match["run"], trust)
+        return _load_run(client, match, trust)
     if Path(uri).suffix == CHECKPOINT_SUFFIX or Path(uri).is_file():
         return _load_checkpoint(client, uri, trust, config)
+    if looks_like_run_id(uri):
+        raise _bare_run_id(client, uri)
     raise UserError(f"unsupported model URI {uri!r}", uri, URI_FIX)
+
+
+def _bare_run_id(client, text: str) -> UserError:
+    """The error for a run id (or prefix) given without ``runs:/``: it names the URI meant.
+
+    A hint rather than a guess: a model is named by a URI everywhere else (MLflow's own tools included),
+    so the user learns the form once, and a bare word is never silently read as a run.
+    """
+    try:
+        run_id = resolve_run_id(client, text)
+    except UserError as exc:
+        if exc.what.startswith("no run id starts with"):
+            return UserError(f"unsupported model URI {text!r}, and no run id starts with {text}", text, URI_FIX)
+        raise
+    return UserError(f"{text!r} is not a model URI", text, f"did you mean runs:/{run_id}?")
 
 
 def _load_version(client, uri: str, match: re.Match, trust: bool) -> LoadedModel:
@@ -272,8 +300,11 @@ def _signature_input_shape(meta) -> tuple[int, ...] | None:
     return tuple(schema.inputs[0].shape)
 
 
-def _load_run(client, uri: str, run_id: str, trust: bool) -> LoadedModel:
-    run = get_run(client, run_id)
+def _load_run(client, match: re.Match, trust: bool) -> LoadedModel:
+    """A run's best checkpoint; ``runs:/PREFIX`` is read as ``runs:/<full id>`` (which the result names)."""
+    run = get_run(client, match["run"])
+    run_id = run.info.run_id
+    uri = f"runs:/{run_id}{match.string[match.end('run'):]}"
     artifact = checkpoint_artifact(client, run)
     cfg = run_config(client, run_id)
     with tempfile.TemporaryDirectory() as folder:
@@ -300,14 +331,17 @@ def _load_checkpoint(client, uri: str, trust: bool, config: str | Path | None) -
 
 
 def _checkpoint_config(client, path: Path, config: str | Path | None) -> tuple[DictConfig, str | None]:
-    """The checkpoint's config and the run that wrote it (None when the config came from a file)."""
+    """The checkpoint's config and the run that wrote it (None for an untracked run or a ``--config`` file).
+
+    Every run writes its resolved ``config.yaml`` into its output folder, tracked or not; a tracked run's
+    id is still looked up, so evaluations of its checkpoint keep their lineage."""
     if config is not None:
         return _read_config(Path(config)), None
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    run_id = _run_with_output_dir(client, run_dir)
     for candidate in (path.parent / CONFIG_FILE, run_dir / CONFIG_FILE, run_dir / ".hydra" / CONFIG_FILE):
         if candidate.is_file():
-            return _read_config(candidate), None
-    run_id = _run_with_output_dir(client, run_dir)
+            return _read_config(candidate), run_id
     if run_id is None:
         raise UserError(f"no {CONFIG_FILE} for checkpoint {path.name}: none next to it or in {run_dir}, and no "
                         f"tracked run with paths.output_dir={run_dir}", str(path), CONFIG_FIX)

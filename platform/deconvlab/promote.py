@@ -30,14 +30,14 @@ from deconvlab.build import checkpoint_model_weights, read_weights, rebuild_task
 from deconvlab.errors import UserError
 from deconvlab.locks import registry_lock
 from deconvlab.store import (
-    RUN_ID_PATTERN,
     TAG,
+    best_value,
     checkpoint_artifact,
     client_for,
-    get_run,
+    find_source_run,
     has_checkpoint,
     run_config,
-    sweep_parent,
+    sweep_trials_ranked,
 )
 
 PREVIOUS_ALIAS = "previous"
@@ -94,11 +94,6 @@ class Candidate:
         return self.run.info.run_id
 
 
-def _best_value(run, metric: str) -> float | None:
-    value = run.data.metrics.get(f"best/{metric}")
-    return value if value is not None and math.isfinite(value) else None
-
-
 def _better(a: float, b: float, mode: str) -> bool:
     return a > b if mode == "max" else a < b
 
@@ -112,14 +107,11 @@ def _check_mode(mode: str) -> str:
 def _from_sweep(client: MlflowClient, parent, metric: str | None, mode: str | None) -> Candidate:
     metric = metric or parent.data.params.get("sweep.metric")
     mode = _check_mode(mode or parent.data.params.get("sweep.mode", "max"))
-    children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    ranked = [c for c in children if _best_value(c, metric) is not None]
+    ranked = sweep_trials_ranked(client, parent, metric, mode)
     if not ranked:
         raise UserError(f"no trial of sweep run {parent.info.run_id} has a best/{metric} value",
                         f"runs:/{parent.info.run_id}",
                         "rank by the sweep's own metric, or check the sweep finished")
-    ranked.sort(key=lambda c: _best_value(c, metric), reverse=(mode == "max"))
     choice = None
     if int(parent.data.params.get("sweep.repeats", "1")) > 1:
         best, choice = _best_config(client, ranked, metric, mode)
@@ -129,7 +121,7 @@ def _from_sweep(client: MlflowClient, parent, metric: str | None, mode: str | No
         raise UserError(f"no trial of sweep run {parent.info.run_id} has a checkpoint",
                         f"runs:/{parent.info.run_id}",
                         "rerun the sweep; trials log checkpoints/checkpoint.ckpt when they validate")
-    return Candidate(best, metric, mode, _best_value(best, metric), checkpoint_artifact(client, best),
+    return Candidate(best, metric, mode, best_value(best, metric), checkpoint_artifact(client, best),
                      parent.data.tags.get(f"{TAG}sweep"), parent.info.run_id,
                      best.data.tags.get(f"{TAG}trial_id"), choice)
 
@@ -142,12 +134,12 @@ def _best_config(client: MlflowClient, ranked: list, metric: str, mode: str) -> 
     groups: dict[str, list] = {}
     for run in ranked:
         groups.setdefault(run.data.tags.get(f"{TAG}config_id", run.info.run_id), []).append(run)
-    means = {config: fmean(_best_value(r, metric) for r in runs) for config, runs in groups.items()}
+    means = {config: fmean(best_value(r, metric) for r in runs) for config, runs in groups.items()}
     for config in sorted(groups, key=means.get, reverse=(mode == "max")):
         best = next((r for r in groups[config] if has_checkpoint(client, r)), None)
         if best is None:
             continue
-        seeds = sorted(((r.data.tags.get(f"{TAG}seed", "?"), _best_value(r, metric)) for r in groups[config]),
+        seeds = sorted(((r.data.tags.get(f"{TAG}seed", "?"), best_value(r, metric)) for r in groups[config]),
                        key=lambda s: int(s[0]) if s[0].lstrip("-").isdigit() else math.inf)
         logged = best.data.metrics
         return best, ConfigChoice(config, means[config], len(groups[config]),
@@ -161,7 +153,7 @@ def _from_run(client: MlflowClient, run, metric: str | None, mode: str | None) -
     params = run.data.params
     metric = metric or params.get("task.monitor")
     mode = _check_mode(mode or params.get("task.monitor_mode", "max"))
-    value = _best_value(run, metric) if metric else None
+    value = best_value(run, metric) if metric else None
     if value is None:
         known = sorted(k.removeprefix("best/") for k in run.data.metrics if k.startswith("best/"))
         raise UserError(f"run {run.info.run_id} has no finite best/{metric}", "--metric",
@@ -174,15 +166,12 @@ def _from_run(client: MlflowClient, run, metric: str | None, mode: str | None) -
 
 def select_candidate(client: MlflowClient, source: str, metric: str | None = None,
                      mode: str | None = None) -> Candidate:
-    """The run to promote: a sweep's best trial (by name or parent run id), or the run given."""
-    if match := RUN_ID_PATTERN.match(source):
-        run = get_run(client, match["run"])
-        if run.data.tags.get(f"{TAG}role") == "parent":
-            return _from_sweep(client, run, metric, mode)
-        return _from_run(client, run, metric, mode)
-    # A sweep file's path (sweeps/NAME.yaml) names its sweep too.
-    sweep = Path(source).stem if source.endswith((".yaml", ".yml")) else source
-    return _from_sweep(client, sweep_parent(client, sweep), metric, mode)
+    """The run to promote: a sweep's best trial (by sweep name, file or parent run id), or the run given
+    (by id or a unique prefix of it)."""
+    run = find_source_run(client, source)
+    if run.data.tags.get(f"{TAG}role") == "parent":
+        return _from_sweep(client, run, metric, mode)
+    return _from_run(client, run, metric, mode)
 
 
 # -- promotion -----------------------------------------------------------------------------------------

@@ -17,17 +17,17 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import mlflow
 import numpy as np
-from mlflow.entities import Param
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from deconvlab.access import check_credentials, check_uri_has_no_password, redact, refusals_named, secrets
 from deconvlab.errors import UserError, was_interrupted
+
+if TYPE_CHECKING:  # MLflow is imported where it is used: it costs 1-2 s, which `deconvlab runs` does without
+    from mlflow.tracking import MlflowClient
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACT_ROOT = "mlartifacts"
@@ -68,6 +68,9 @@ def get_or_create_experiment(name: str, tracking_uri: str, artifact_root: str | 
     An explicit location matters with SQLite: MLflow would otherwise write artifacts to ./mlruns of
     whatever directory the process happens to run in.
     """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
@@ -77,7 +80,7 @@ def get_or_create_experiment(name: str, tracking_uri: str, artifact_root: str | 
         location = f"{location.rstrip('/')}/{safe_name(name)}"
     try:
         return client.create_experiment(name, artifact_location=location)
-    except mlflow.exceptions.MlflowException:
+    except MlflowException:
         # Another process created it between our lookup and create.
         return client.get_experiment_by_name(name).experiment_id
 
@@ -113,6 +116,8 @@ def git_commit(cwd: str | Path | None = None) -> str | None:
 
 def log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) -> None:
     """Log many params, in batches MLflow accepts; URL passwords and credentials are redacted."""
+    from mlflow.entities import Param
+
     hidden = secrets()
     items = [Param(k, redact(str(v), hidden)) for k, v in params.items()]
     for start in range(0, len(items), PARAMS_PER_BATCH):
@@ -182,6 +187,8 @@ def tracked_run(experiment: str, run_name: str, tracking_uri: str, tags: Mapping
     Yields:
         ``(client, run_id)``.
     """
+    from mlflow.tracking import MlflowClient
+
     client = MlflowClient(tracking_uri)
     with refusals_named(f"experiment {experiment!r}", tracking_uri):
         if run_id is None:

@@ -34,7 +34,7 @@ from deconvlab.callbacks import RUN_LOGGER, EpochLog, training_compute
 from deconvlab.config import compose_config, config_groups
 from deconvlab.errors import UserError, first_line
 from deconvlab.perf import apply_perf
-from deconvlab.store import CONFIG_FILE, client_for, get_run, run_config
+from deconvlab.store import CONFIG_FILE, client_for, get_run, resolve_run_id, run_config
 from deconvlab.tasks.base import BaseTask
 
 RERUN_TAG = "deconvlab.rerun_of"
@@ -238,6 +238,7 @@ def rerun_config(run_id: str, overrides: Sequence[str] = ()) -> tuple[DictConfig
         UserError: an unknown run, a run without ``config.yaml``, or an override that does not apply.
     """
     client = client_for()
+    run_id = resolve_run_id(client, run_id)  # a prefix names its run; the rerun tag records the full id
     run = get_run(client, run_id)
     logged = OmegaConf.to_container(run_config(client, run_id))
     fresh = compose_config([])
