@@ -187,8 +187,16 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from deconvlab.sweep.report import write_report
 
-    print(write_report(args.sweep, args.output, args.tracking_uri))
+    print(write_report(args.sweep, args.output, args.tracking_uri, measure_costs=_measure_costs))
     return 0
+
+
+def _measure_costs(client, run_ids: list[str]) -> dict:
+    """Costs of the trials of a sweep that ran before the driver logged them: torch and the model builders
+    (~4 s) are imported only for such a sweep."""
+    from deconvlab.cost import trial_costs
+
+    return trial_costs(client, run_ids, log=False)
 
 
 def cmd_promote(args: argparse.Namespace) -> int:

@@ -38,10 +38,6 @@ from deconvlab.macs import count_macs
 from deconvlab.models import list_models
 from deconvlab.store import run_config
 
-# Metric keys in a child run, and the leaderboard columns they become ("params" comes from the
-# trained model's own model/num_params metric).
-# "MACs/px" is per labelled output pixel (see the module docstring).
-COST_COLUMNS = {"cost/macs_per_pixel": "MACs/px", "cost/latency_ms": "latency ms"}
 COST_ERROR_TAG = "deconvlab.cost_error"
 
 

@@ -25,12 +25,10 @@ from ray.tune import Callback, Checkpoint
 
 from deconvlab import tracking
 from deconvlab.errors import UserError
+from deconvlab.sweep.records import EPOCHS_TAG, SAMPLES_DIR, STOP_REASON_TAG, TRIAL_TAG, child_runs
 from deconvlab.sweep.spec import trial_config
-from deconvlab.sweep.trial_callbacks import CHECKPOINT_FILE, CONFIG_FILE, EPOCH_KEY, NODE_KEY, SAMPLES_DIR
+from deconvlab.sweep.trial_callbacks import CHECKPOINT_FILE, CONFIG_FILE, EPOCH_KEY, NODE_KEY
 
-TRIAL_TAG = "deconvlab.trial_id"
-STOP_REASON_TAG = "deconvlab.stop_reason"
-EPOCHS_TAG = "deconvlab.epochs"
 NODES_TAG = "deconvlab.nodes"
 # Where the child run's config.yaml came from: the trial's own file, or (no checkpoint) composed again.
 CONFIG_SOURCE_TAG = "deconvlab.config_source"
@@ -42,14 +40,6 @@ _TUNE_KEYS = {"timestamp", "time_this_iter_s", "time_total_s", "pid", "training_
 def _numeric(result: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in result.items()
             if k not in _TUNE_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-
-
-def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str, status: str | None = None) -> list:
-    """The trial runs of a sweep's parent run (optionally only those with ``status``)."""
-    query = f"tags.mlflow.parentRunId = '{parent_run_id}'"
-    if status:
-        query += f" and attributes.status = '{status}'"
-    return client.search_runs([experiment_id], query, max_results=10_000)
 
 
 def close_open_children(client: MlflowClient, experiment_id: str, parent_run_id: str, status: str) -> None:

@@ -11,17 +11,26 @@ Pareto-optimal is computed here too.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
-from scipy import stats
 
-from deconvlab.cost import COST_COLUMNS, trial_costs
-from deconvlab.sweep.child_runs import EPOCHS_TAG, STOP_REASON_TAG, TRIAL_TAG, child_runs
-from deconvlab.sweep.repeats import CONFIG_TAG
+from deconvlab.sweep.records import (
+    CONFIG_TAG,
+    COST_COLUMNS,
+    EPOCHS_TAG,
+    STOP_REASON_TAG,
+    TRIAL_TAG,
+    child_runs,
+)
+
+# Measures the cost of trial runs by id: run id -> an object with ``as_metrics()`` (``cost/*`` keys), or None
+# where it could not be measured (:func:`deconvlab.cost.trial_costs` with ``log=False``).
+CostMeasurer = Callable[[MlflowClient, list[str]], dict[str, Any]]
 
 # Leaderboard columns that are costs, in the order the Pareto plot shows them.
 COST_AXES = ("MACs/px", "params", "latency ms")
@@ -98,6 +107,8 @@ def seed_stats(values: Iterable[float], level: float = CI_LEVEL) -> SeedStats:
     if n == 1:
         return SeedStats(1, mean, math.nan, math.nan, math.nan)
     std = float(finite.std(ddof=1))
+    from scipy import stats  # only sweeps with repeats get here: importing scipy.stats costs ~0.5 s
+
     half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * std / math.sqrt(n)
     return SeedStats(n, mean, std, mean - half, mean + half)
 
@@ -116,6 +127,8 @@ def worse_than_best(best: Iterable[float], other: Iterable[float], mode: str, al
     sign = 1.0 if mode == "max" else -1.0
     if a.var(ddof=1) == 0 and b.var(ddof=1) == 0:
         return bool(sign * (a.mean() - b.mean()) > 0)
+    from scipy import stats  # only sweeps with repeats get here: importing scipy.stats costs ~0.5 s
+
     test = stats.ttest_ind(a, b, equal_var=False, alternative="greater" if mode == "max" else "less")
     return bool(test.pvalue < alpha)
 
@@ -201,12 +214,12 @@ def order_cost_columns(table: pd.DataFrame) -> pd.DataFrame:
     return table[[*rest[:at], *costs, *rest[at:]]]
 
 
-def with_costs(client: MlflowClient, table: pd.DataFrame) -> pd.DataFrame:
-    """The table with cost columns: measured now (and not logged) for a sweep that ran before the driver
-    logged costs; as it is when they are there."""
-    if len(table) == 0 or "MACs/px" in table.columns:
+def with_costs(client: MlflowClient, table: pd.DataFrame, measure: CostMeasurer | None) -> pd.DataFrame:
+    """The table with cost columns: as it is when they are there; for a sweep that ran before the driver
+    logged costs, measured now by ``measure`` (not logged), or left out when ``measure`` is None."""
+    if len(table) == 0 or "MACs/px" in table.columns or measure is None:
         return table
-    costs = trial_costs(client, list(table["mlflow_run"]), log=False)
+    costs = measure(client, list(table["mlflow_run"]))
     table = table.copy()
     for key, column in COST_COLUMNS.items():
         table[column] = [c.as_metrics()[key] if c is not None else float("nan")

@@ -12,13 +12,16 @@ on a machine with a display.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from pathlib import Path
 
 import matplotlib
 import pandas as pd
+from matplotlib.axis import Axis
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from deconvlab.sweep.leaderboard import cost_axes, pareto_front, seed_stats
 
@@ -32,6 +35,29 @@ def _save(fig: Figure, path: Path) -> None:
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
 
 
+def short_number(value: float, _position: object = None) -> str:
+    """A tick label: ``2k``, ``50k``, ``1M``, ``3G`` for large numbers, ``0.05``, ``20`` for the rest."""
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:g}{suffix}"
+    return f"{value:g}"
+
+
+def readable_log_axis(axis: Axis, lo: float, hi: float) -> None:
+    """Label a log axis spanning ``lo``..``hi`` with few, short, non-overlapping numbers.
+
+    matplotlib's default labels the minor ticks of a log axis that spans less than about two decades
+    (``3x10^3 4x10^3 6x10^3``), and those labels run together. Here ticks sit at 1-2-5 steps when the
+    axis spans at most two decades, at whole decades (at most six labelled) beyond that, and minor
+    ticks carry no label.
+    """
+    decades = math.log10(hi / lo) if lo > 0 and hi > lo else 0.0
+    subs = (1.0, 2.0, 5.0) if decades <= 2 else (1.0,)
+    axis.set_major_locator(LogLocator(base=10, subs=subs, numticks=6 if decades > 2 else 10))
+    axis.set_major_formatter(FuncFormatter(short_number))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def plot_titles(metric: str) -> dict[str, str]:
     """The plots :func:`render_plots` draws, by file name, with their titles (in the report's order)."""
     return {"curves.png": f"{metric} per epoch, all trials",
@@ -42,7 +68,8 @@ def plot_titles(metric: str) -> dict[str, str]:
 
 
 def render_plots(table: pd.DataFrame, trials: pd.DataFrame, histories: History, compute: History, metric: str,
-                 mode: str, hyperparameters: list[str], folder: Path) -> list[str]:
+                 mode: str, hyperparameters: list[str], folder: Path,
+                 log_scaled: Collection[str] = ()) -> list[str]:
     """Draw every plot of :func:`plot_titles` that the sweep has data for into ``folder``.
 
     Args:
@@ -55,6 +82,8 @@ def render_plots(table: pd.DataFrame, trials: pd.DataFrame, histories: History, 
         mode: "max" or "min".
         hyperparameters: the search space's keys (leaderboard columns).
         folder: where the PNG files go.
+        log_scaled: the hyperparameters the search space samples on a log scale (their parallel-coordinates
+            axis is logarithmic and marked "(log)").
 
     Returns:
         The names of the files written, in the order of :func:`plot_titles`.
@@ -67,7 +96,8 @@ def render_plots(table: pd.DataFrame, trials: pd.DataFrame, histories: History, 
     if any(best_so_far_vs_compute(histories.get(t, []), points, mode) for t, points in compute.items()):
         render_metric_vs_compute(histories, compute, configs if "mean" in table.columns else {}, metric, mode,
                                  folder / "metric_vs_compute.png")
-    render_parallel_coordinates(table, hyperparameters, column, mode, folder / "parallel_coordinates.png")
+    render_parallel_coordinates(table, hyperparameters, column, mode, folder / "parallel_coordinates.png",
+                                log_scaled)
     if cost_axes(table):
         render_pareto(table, column, mode, folder / "pareto.png")
     return [name for name in plot_titles(metric) if (folder / name).is_file()]
@@ -155,16 +185,20 @@ def render_metric_vs_compute(histories: History, compute: History, configs: dict
     ax = fig.subplots()
     colour_of = {t: f"C{i % 10}" for i, trials in enumerate(configs.values()) for t in trials}
     labelled: set[str] = set()
+    spent: list[float] = []
     for i, (trial, points) in enumerate(sorted(compute.items())):
         curve = best_so_far_vs_compute(histories.get(trial, []), points, mode)
         if not curve:
             continue
+        spent += [macs for macs, _ in curve]
         group = next((c for c, trials in configs.items() if trial in trials), trial)
         label = None if group in labelled else group
         labelled.add(group)
         ax.plot(*zip(*curve, strict=True), drawstyle="steps-post", marker="o", ms=3,
                 color=colour_of.get(trial, f"C{i % 10}"), label=label)
     ax.set_xscale("log")
+    if spent:
+        readable_log_axis(ax.xaxis, min(spent), max(spent))
     ax.set_xlabel("training compute (cumulative multiply-accumulates)")
     ax.set_ylabel(f"best {metric} so far")
     ax.grid(alpha=0.3, which="both")
@@ -173,11 +207,23 @@ def render_metric_vs_compute(histories: History, compute: History, configs: dict
     _save(fig, path)
 
 
-def _as_axis(values: pd.Series) -> tuple[list[float], list[float], list[str], bool]:
+def _end_labels(lo: float, hi: float) -> list[str]:
+    """Labels of an axis' two ends with three significant digits, or as many more as it takes to tell them
+    apart (PSNRs of 24.60 and 24.64 dB would both read 24.6)."""
+    for digits in range(3, 10):
+        labels = [f"{lo:.{digits}g}", f"{hi:.{digits}g}"]
+        if labels[0] != labels[1]:
+            break
+    return labels
+
+
+def _as_axis(values: pd.Series, log: bool = False) -> tuple[list[float], list[float], list[str], bool]:
     """One hyperparameter as a parallel-coordinates axis: positions in [0, 1], tick positions and labels.
 
-    Numbers are placed linearly, or logarithmically when positive and spanning more than a decade
-    (learning rates); anything else is categorical, evenly spaced in sorted order.
+    Numbers are placed linearly, or by their logarithm when ``log`` (the search space samples them on a log
+    scale) and all are positive; anything else is categorical, evenly spaced in sorted order. Whether an
+    axis is logarithmic comes from the search space, never from the values' spread: the same sweep file
+    gives the same axes in every report, however its samples happened to fall.
 
     Returns:
         ``(positions, tick_positions, tick_labels, log_scale)``.
@@ -185,13 +231,13 @@ def _as_axis(values: pd.Series) -> tuple[list[float], list[float], list[str], bo
     numbers = pd.to_numeric(values, errors="coerce")
     if numbers.notna().all():
         lo, hi = float(numbers.min()), float(numbers.max())
-        log = lo > 0 and hi / lo > 10
+        log = log and lo > 0
         scaled = numbers.map(math.log10) if log else numbers
         s_lo, s_hi = float(scaled.min()), float(scaled.max())
         span = (s_hi - s_lo) or 1.0
         positions = [(float(v) - s_lo) / span if s_hi > s_lo else 0.5 for v in scaled]
         return positions, [0.0, 1.0] if s_hi > s_lo else [0.5], \
-            [f"{lo:.3g}", f"{hi:.3g}"] if s_hi > s_lo else [f"{lo:.3g}"], log
+            _end_labels(lo, hi) if s_hi > s_lo else [f"{lo:.3g}"], log
     # str() of each value: pandas 3 keeps missing values missing through astype(str).
     levels = sorted({str(v) for v in values})
     spots = {v: (i / (len(levels) - 1) if len(levels) > 1 else 0.5) for i, v in enumerate(levels)}
@@ -199,7 +245,13 @@ def _as_axis(values: pd.Series) -> tuple[list[float], list[float], list[str], bo
 
 
 def render_parallel_coordinates(table: pd.DataFrame, hyperparameters: list[str], metric_column: str,
-                                mode: str, path: Path) -> None:
+                                mode: str, path: Path, log_scaled: Collection[str] = ()) -> None:
+    """Write :func:`parallel_coordinates_figure` to ``path``."""
+    _save(parallel_coordinates_figure(table, hyperparameters, metric_column, mode, log_scaled), path)
+
+
+def parallel_coordinates_figure(table: pd.DataFrame, hyperparameters: list[str], metric_column: str,
+                                mode: str, log_scaled: Collection[str] = ()) -> Figure:
     """One polyline per trial across the sampled hyperparameters and the metric, coloured by the metric.
 
     Args:
@@ -207,10 +259,11 @@ def render_parallel_coordinates(table: pd.DataFrame, hyperparameters: list[str],
         hyperparameters: leaderboard columns holding sampled values (the sweep's search-space keys).
         metric_column: the column with each trial's best metric value.
         mode: "max" or "min"; the colour map runs so that the best trials are always the brightest.
-        path: the PNG to write.
+        log_scaled: the hyperparameters sampled on a log scale (``loguniform``, ``qloguniform``): their
+            axis is logarithmic and its name says "(log)"; every other axis is linear or categorical.
     """
     axes_names = [h for h in hyperparameters if h in table.columns] + [metric_column]
-    columns = [_as_axis(table[name]) for name in axes_names]
+    columns = [_as_axis(table[name], name in log_scaled) for name in axes_names]
     metric = pd.to_numeric(table[metric_column], errors="coerce")
     finite = metric.dropna()
     lo, hi = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 1.0)
@@ -237,17 +290,29 @@ def render_parallel_coordinates(table: pd.DataFrame, hyperparameters: list[str],
         ax.spines[side].set_visible(False)
     fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=metric_column)
     ax.set_title("sampled hyperparameters vs metric (one line per trial)")
-    _save(fig, path)
+    return fig
 
 
 def render_pareto(table: pd.DataFrame, metric_column: str, mode: str, path: Path) -> None:
-    """The metric against each cost (MACs per pixel, parameters, latency), the Pareto front drawn as steps."""
+    """Write :func:`pareto_figure` to ``path``."""
+    _save(pareto_figure(table, metric_column, mode), path)
+
+
+def pareto_figure(table: pd.DataFrame, metric_column: str, mode: str) -> Figure:
+    """The metric against each cost (MACs per pixel, parameters, latency), the Pareto front drawn as steps.
+
+    Each point is labelled with its trial. The legend sits below the panels, outside every plotting area,
+    so it can never cover a point or a label. A cost spanning more than a decade is drawn on a log axis
+    with short tick labels (:func:`readable_log_axis`).
+    """
     axes_names = cost_axes(table)
     if not axes_names:
         raise ValueError("the leaderboard has no cost column with values (MACs/px, params, latency ms)")
-    fig = Figure(figsize=(4.2 * len(axes_names), 3.8))
+    # Constrained layout keeps room for a legend placed "outside" the panels (and for the suptitle).
+    fig = Figure(figsize=(4.2 * len(axes_names), 4.1), layout="constrained")
     axes = fig.subplots(1, len(axes_names), squeeze=False)
     values = pd.to_numeric(table[metric_column], errors="coerce").tolist()
+    front_line = None
     for ax, name in zip(axes[0], axes_names, strict=True):
         costs = pd.to_numeric(table[name], errors="coerce").tolist()
         front = pareto_front(costs, values, mode)
@@ -256,13 +321,15 @@ def render_pareto(table: pd.DataFrame, metric_column: str, mode: str, path: Path
             ax.annotate(str(trial)[-5:], (cost, value), xytext=(3, 3), textcoords="offset points", fontsize=6)
         on_front = sorted((c, v) for c, v, f in zip(costs, values, front, strict=True) if f)
         if on_front:
-            ax.step(*zip(*on_front, strict=True), where="post", color="tab:red", lw=1.2, label="Pareto front")
-            ax.legend(fontsize=7, loc="lower right" if mode == "max" else "upper right")
-        if min(costs) > 0 and max(costs) / min(costs) > 10:
+            front_line, = ax.step(*zip(*on_front, strict=True), where="post", color="tab:red", lw=1.2)
+        known = [c for c in costs if math.isfinite(c)]
+        if known and min(known) > 0 and max(known) / min(known) > 10:
             ax.set_xscale("log")
+            readable_log_axis(ax.xaxis, min(known), max(known))
         ax.set_xlabel(name)
         ax.set_ylabel(metric_column)
         ax.grid(alpha=0.3)
+    if front_line is not None:
+        fig.legend([front_line], ["Pareto front"], loc="outside lower center", fontsize=7, frameon=False)
     fig.suptitle(f"{metric_column} ({mode}) vs cost")
-    fig.tight_layout()
-    _save(fig, path)
+    return fig

@@ -28,9 +28,9 @@ from ray.tune.search import BasicVariantGenerator, Repeater, Searcher
 from ray.tune.search.repeater import TRIAL_INDEX
 
 from deconvlab.sweep.child_runs import MLflowSweepCallback
+from deconvlab.sweep.records import CONFIG_TAG
 from deconvlab.sweep.spec import SEED_KEY, SweepSpec
 
-CONFIG_TAG = "deconvlab.config_id"
 SEED_TAG = "deconvlab.seed"
 REPEAT_TAG = "deconvlab.repeat"
 

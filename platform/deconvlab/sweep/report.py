@@ -25,6 +25,7 @@ from deconvlab.store import CONFIG_FILE, RUN_ID_PATTERN, client_for, get_run, sw
 from deconvlab.sweep.leaderboard import (
     CI_LEVEL,
     TIE_ALPHA,
+    CostMeasurer,
     build_leaderboard,
     build_trials,
     cost_axes,
@@ -33,7 +34,7 @@ from deconvlab.sweep.leaderboard import (
     with_costs,
 )
 from deconvlab.sweep.plots import COMPUTE_KEY, plot_titles, render_plots
-from deconvlab.sweep.trial_callbacks import SAMPLES_DIR
+from deconvlab.sweep.records import SAMPLES_DIR
 
 # How many epochs of the best trial's samples the report shows (first, ..., last).
 MAX_SAMPLE_EPOCHS = 3
@@ -101,6 +102,20 @@ def find_parent_run(client: MlflowClient, source: str):
     return sweep_parent(client, Path(source).stem if source.endswith((".yaml", ".yml")) else source)
 
 
+# The search-space distributions that sample on a log scale (:data:`deconvlab.sweep.spec.DISTRIBUTIONS`).
+LOG_DISTRIBUTIONS = ("loguniform", "qloguniform")
+
+
+def log_scaled_keys(params: dict[str, str]) -> set[str]:
+    """The search-space keys a sweep samples on a log scale, read from its parent run's params.
+
+    The runner logs each dimension as ``search_space.<key> = kind(args)`` (``loguniform(0.0001, 0.01)``);
+    only the kind decides, so a ``choice`` or ``grid`` of numbers spanning decades stays linear.
+    """
+    return {key.removeprefix("search_space.") for key, text in params.items()
+            if key.startswith("search_space.") and text.split("(", 1)[0].strip() in LOG_DISTRIBUTIONS}
+
+
 def _sweep_settings(parent) -> tuple[str, str, list[str], int]:
     params = parent.data.params
     hyperparameters = sorted(k.removeprefix("search_space.") for k in params if k.startswith("search_space."))
@@ -139,14 +154,22 @@ def _plots(client: MlflowClient, report: SweepReport) -> dict[str, tuple[str, by
         histories = metric_histories(client, report.trials, report.metric)
         compute = metric_histories(client, report.trials, COMPUTE_KEY)  # none for runs from before it existed
         names = render_plots(report.table, report.trials, histories, compute, report.metric, report.mode,
-                             report.hyperparameters, out)
+                             report.hyperparameters, out, log_scaled_keys(report.parent.data.params))
         return {name: (titles[name], (out / name).read_bytes()) for name in names}
 
 
-def load_report(client: MlflowClient, parent) -> SweepReport:
-    """Read a sweep's leaderboard, costs, histories and best samples from MLflow and render its plots."""
+def load_report(client: MlflowClient, parent, measure_costs: CostMeasurer | None = None) -> SweepReport:
+    """Read a sweep's leaderboard, costs, histories and best samples from MLflow and render its plots.
+
+    Args:
+        client: a client of the sweep's store.
+        parent: the sweep's parent run.
+        measure_costs: measures the trials' costs when none of them has cost metrics (a sweep that ran
+            before the driver logged them); None leaves the cost columns and the Pareto plot out.
+    """
     metric, mode, hyperparameters, repeats = _sweep_settings(parent)
-    trials = with_costs(client, build_trials(client, parent.info.experiment_id, parent.info.run_id, metric, mode))
+    trials = build_trials(client, parent.info.experiment_id, parent.info.run_id, metric, mode)
+    trials = with_costs(client, trials, measure_costs)
     report = SweepReport(parent, build_leaderboard(trials, metric, mode, repeats), metric, mode, hyperparameters,
                          trials, repeats)
     if report.best_run_id is None:
@@ -275,16 +298,19 @@ def render_html(report: SweepReport) -> str:
     return "\n".join(parts)
 
 
-def write_report(source: str, output: str | Path, tracking_uri: str | None = None) -> Path:
+def write_report(source: str, output: str | Path, tracking_uri: str | None = None,
+                 measure_costs: CostMeasurer | None = None) -> Path:
     """Write the HTML report of a sweep (by name or parent run id) to ``output``.
 
     Args:
         source: a sweep name (its latest parent run), a sweep file path, or a parent run id.
         output: the HTML file to write (folders are created).
         tracking_uri: the MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db).
+        measure_costs: see :func:`load_report` (the command line passes :func:`deconvlab.cost.trial_costs`,
+            imported only when a sweep needs it).
     """
     client = client_for(tracking_uri)
-    report = load_report(client, find_parent_run(client, source))
+    report = load_report(client, find_parent_run(client, source), measure_costs)
     path = Path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_html(report), encoding="utf-8")

@@ -24,12 +24,12 @@ from omegaconf import DictConfig, OmegaConf
 from ray.tune import Checkpoint
 
 from deconvlab.callbacks import training_compute
+from deconvlab.sweep.records import SAMPLES_DIR
 
 # The Lightning checkpoint inside every Ray checkpoint folder, the config the trial ran and the sample
 # images beside it.
 CHECKPOINT_FILE = "checkpoint.ckpt"
 CONFIG_FILE = "config.yaml"
-SAMPLES_DIR = "samples"
 # Keys added to every report so the driver can tell how far a trial got, and where it ran.
 EPOCH_KEY = "epoch"
 RESUMED_KEY = "resumed_from_epoch"

@@ -33,11 +33,10 @@ from rich.table import Table
 
 from deconvlab.cost import trial_costs
 from deconvlab.promote import config_stat_key
-from deconvlab.sweep.child_runs import child_runs
 from deconvlab.sweep.leaderboard import STAT_COLUMNS
 from deconvlab.sweep.plots import render_table
+from deconvlab.sweep.records import SAMPLES_DIR, child_runs
 from deconvlab.sweep.report import SweepReport, load_report, render_html, statistics_note
-from deconvlab.sweep.trial_callbacks import SAMPLES_DIR
 
 LEADERBOARD_DIR = "leaderboard"
 BEST_SAMPLES_DIR = f"best_trial/{SAMPLES_DIR}"
@@ -59,6 +58,8 @@ def log_sweep_views(client: MlflowClient, parent_run_id: str) -> pd.DataFrame:
     children = child_runs(client, parent.info.experiment_id, parent_run_id)
     if children:
         trial_costs(client, [run.info.run_id for run in children])
+    # No measurer: the costs were just measured and logged; a trial that could not be measured is tagged
+    # with the reason, and measuring it again here would fail the same way, a second time.
     report = load_report(client, parent)
     if report.grouped:
         _log_config_stats(client, report)

@@ -47,6 +47,25 @@ def code_scatter(codes: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return image
 
 
+def spread_over_classes(labels: list[int], wanted: int) -> list[int]:
+    """Positions of up to ``wanted`` items covering as many classes as there are: the first item of each
+    class in order of appearance, then (fewer classes than ``wanted``) the earliest items not yet taken.
+
+    Args:
+        labels: the class of every item, in validation order.
+        wanted: how many positions to return at most.
+
+    Returns:
+        The positions, the first of each class first, sorted by class.
+    """
+    first: dict[int, int] = {}
+    for position, label in enumerate(labels):
+        first.setdefault(label, position)
+    picked = [first[label] for label in sorted(first)][:wanted]
+    taken = set(picked)
+    return picked + [i for i in range(len(labels)) if i not in taken][: wanted - len(picked)]
+
+
 class ReconstructionTask(BaseTask):
     """Trains an autoencoder; reports MSE and BCE on validation.
 
@@ -70,6 +89,9 @@ class ReconstructionTask(BaseTask):
         self.code_size = _code_size(self.model)
         self._codes: list[torch.Tensor] = []
         self._code_labels: list[torch.Tensor] = []
+        # Sample candidates of this validation epoch: (label, image, reconstruction) on the CPU.
+        self._candidates: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self.sample_labels: list[int] = []  # the classes of the last rendered samples, in grid order
 
     def build_metrics(self) -> MetricCollection:
         # Fed one by one (update_metrics): compute groups would merge the two means' identical states.
@@ -102,8 +124,42 @@ class ReconstructionTask(BaseTask):
         # Only a 2-D code can be drawn as it is; larger codes would need a projection that distorts them.
         return self.code_size == 2 and self._wants_samples()
 
+    def _collect_samples(self, batch: dict[str, torch.Tensor], output: torch.Tensor, batch_idx: int) -> None:
+        """Keep candidates for a sample grid that spans the classes (rendered at the end of the epoch).
+
+        The base class shows the first ``num_samples`` validation images, but MNIST's validation split is
+        sorted by class: those would all be zeros. Kept instead: the first image of every class met, plus the
+        first ``num_samples`` images as a fallback for a split with fewer classes (at most 10 + 8 digits).
+        Batches without labels keep the base class's behaviour.
+        """
+        if "label" not in batch:
+            super()._collect_samples(batch, output, batch_idx)
+            return
+        if batch_idx == 0:
+            self.rendered_samples, self._candidates = {}, []
+        if not self._wants_samples():
+            return
+        seen = {label for label, _, _ in self._candidates}
+        for i, label in enumerate(batch["label"].tolist()):
+            if label not in seen or len(self._candidates) < self.num_samples:
+                seen.add(label)
+                self._candidates.append((label, batch["image"][i].detach().cpu(), output[i].detach().float().cpu()))
+
+    def _render_spread_samples(self) -> None:
+        """The sample grid of :func:`spread_over_classes` over this epoch's candidates."""
+        labels = [label for label, _, _ in self._candidates]
+        chosen = [self._candidates[i] for i in spread_over_classes(labels, self.num_samples)]
+        self._candidates = []
+        if not chosen:
+            return
+        self.sample_labels = [label for label, _, _ in chosen]
+        batch = {"image": torch.stack([image for _, image, _ in chosen])}
+        for name, image in self.render_samples(batch, torch.stack([out for _, _, out in chosen])).items():
+            self.rendered_samples[name] = image
+
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
+        self._render_spread_samples()
         if self._codes:
             codes, labels = torch.cat(self._codes).numpy(), torch.cat(self._code_labels).numpy()
             self.rendered_samples["code_scatter"] = code_scatter(codes, labels)
