@@ -170,7 +170,9 @@ def test_a_smoke_sweep_prints_one_line_per_trial_and_ends_with_its_summary(tmp_p
     lines = done.stdout.strip().splitlines()
     assert lines[0].startswith("sweep quickstart: 4 trials (ASHA, random search), 2 at a time")
     assert len([line for line in lines if re.match(r"\[\d\d:\d\d\] trial \w+ (started|finished|stopped)", line)]) == 8
-    assert lines[-1].startswith("sweep parent run ")
+    assert lines[-2].startswith("sweep parent run ")
+    before_after = lines[-1].removeprefix("the best trial's before/after image (input | output | target): ")
+    assert before_after != lines[-1] and Path(before_after).is_file() and before_after.endswith(".png")
     assert len(lines) < 40
 
 

@@ -30,8 +30,8 @@ def test_what_counts_as_overriding_a_sampled_key():
     # A value above a sampled key replaces it.
     with pytest.raises(UserError, match=r"data.degradation is sampled .*\(it holds data.degradation.noise_sigma\)"):
         check_overrides_leave_samples(spec, ["data.degradation={noise_sigma: 0.02}"])
-    with pytest.raises(UserError, match="model.width is sampled"):
-        check_overrides_leave_samples(spec, ["trainer.max_epochs=2", "model.width=8"])
+    with pytest.raises(UserError, match="model.depth is sampled"):
+        check_overrides_leave_samples(spec, ["trainer.max_epochs=2", "model.depth=8"])
     # A group choice picks the config the sampled value lands in; other keys, and the seed, are free.
     check_overrides_leave_samples(spec, ["model=residual_deblur_cnn", "seed=3", "optim.weight_decay=0.1",
                                          "data.degradation.kernel.radius=2"])

@@ -22,7 +22,7 @@ from deconvlab.data.brats import BratsDataModule
 from deconvlab.data.mnist import MNISTDataModule
 from deconvlab.data.shapes import ShapesDataModule
 
-STEPS = 14  # one epoch of quickstart's 16 batches, more than one logging interval
+STEPS = 14  # 14 steps (under one quickstart epoch), more than one logging interval
 
 
 class LightningItemCounter(pl.Callback):

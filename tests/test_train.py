@@ -9,7 +9,8 @@ from deconvlab.train import train
 
 # (experiment overrides, metric keys the run must have); more families add their own cases.
 TASK_CASES = {
-    "restoration": (["experiment=quickstart", "data.samples_per_epoch=64", "data.max_eval_size=64"],
+    "restoration": (["experiment=quickstart", "data.samples_per_epoch=64", "data.max_eval_size=64",
+                     "trainer.limit_train_batches=8"],
                     {"val/psnr", "val/ssim", "val/psnr_input", "val/psnr_pooled", "val/loss", "train/loss_epoch"}),
     "reconstruction": (["experiment=autoencoder_fc", "data.max_samples=512", "optim.lr=3e-3"],
                        {"val/mse", "val/bce", "val/loss", "model/num_params"}),
@@ -107,15 +108,3 @@ def test_diverged_training_fails_the_run_with_the_reason(compose, tracking_uri):
     client = MlflowClient(tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
     assert run.info.status == "FAILED" and "not finite" in run.data.tags["error"]
-
-
-def test_quickstart_experiment_ends_above_its_blurred_input(compose):
-    """The README's claim for `deconvlab train experiment=quickstart`, at the experiment's own budget (6 epochs
-    of 256 crops, the whole validation split; ~12 s untracked). Measured over seeds 0-2: val/psnr 24.10-24.38
-    dB against the input's 23.69-23.70 (+0.40 to +0.68); after 2 or 4 epochs the gain is only +0.03 to +0.24,
-    so the experiment's budget is the one that holds the claim. Catches a quickstart that no longer learns
-    to deblur (model, loss, optimiser or data regressions) and a val/psnr that is not the output's."""
-    cfg = compose("experiment=quickstart", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-                  "logger=none", tiny=False)
-    metrics = train(cfg).metrics
-    assert metrics["val/psnr"] > metrics["val/psnr_input"] + 0.2

@@ -125,6 +125,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                         verbose=args.verbose or args.debug)
     print(f"sweep parent run {outcome.parent_run_id} in experiment {outcome.experiment_name}; "
           f"best trial {outcome.best_trial} (run {outcome.best_run_id})")
+    if outcome.best_sample:
+        print(f"the best trial's before/after image (input | output | target): {outcome.best_sample}")
     return 0
 
 

@@ -90,8 +90,10 @@ def format_plan(plan: SweepPlan) -> list[str]:
         lines.append("  trials: chosen by Optuna as results arrive (no preview)")
         return lines
     shown = len(plan.trials)
-    lines.append(f"  first {shown} of {plan.total} trials (random values drawn for this preview only):"
-                 if shown < plan.total else f"  all {plan.total} trials:")
+    random = any(d.kind != "grid" for d in spec.search_space.values())
+    which = f"first {shown} of {plan.total}" if shown < plan.total else f"all {plan.total}"
+    lines.append(f"  {which} trials" + (" (random values drawn for this preview: the sweep draws its own)"
+                                       if random else "") + ":")
     for index, sampled in enumerate(plan.trials):
         shown_values = {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in sampled.items()}
         lines.append(f"    {index:>3}  deconvlab train {' '.join(plan.trial_overrides(shown_values))}")

@@ -28,7 +28,7 @@ from deconvlab.sweep.progress import TrialProgressLines
 from deconvlab.sweep.repeats import RepeatsSweepCallback, param_space, search_settings
 from deconvlab.sweep.spec import SweepSpec, load_sweep, validate
 from deconvlab.sweep.trial import run_trial
-from deconvlab.sweep.views import config_stats, log_sweep_views, print_leaderboard
+from deconvlab.sweep.views import best_sample_image, config_stats, log_sweep_views, print_leaderboard
 
 DEFAULT_STORAGE = "ray_results"
 RAY_PATH_TAG = "deconvlab.ray_experiment_path"
@@ -48,6 +48,7 @@ class SweepOutcome:
     best_trial: str | None
     best_run_id: str | None
     results: ResultGrid | None = None  # Ray Tune's own: every trial's config, metrics, checkpoint, error
+    best_sample: str | None = None  # the best trial's before/after image (input | output | target)
 
 
 def _scheduler(spec: SweepSpec, max_epochs: int):
@@ -318,8 +319,9 @@ def run_sweep(name_or_path: str, overrides: Sequence[str] = (), address: str | N
         # Trial costs, the leaderboard (CSV/HTML/PNG), curves and other plots, best samples, report.html.
         table = log_sweep_views(client, parent_id)
         _record_best(client, parent_id, table, spec.metric)
+        sample = best_sample_image(client, parent_id)
     if not quiet:
         print_leaderboard(table, spec.name, spec.metric, spec.mode, uri)
     best = table.iloc[0] if len(table) else None
     return SweepOutcome(parent_id, experiment, path, table, None if best is None else best["trial"],
-                        None if best is None else best["mlflow_run"], results)
+                        None if best is None else best["mlflow_run"], results, sample)

@@ -24,6 +24,8 @@ import math
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import pandas as pd
 from mlflow.entities import Metric
@@ -130,3 +132,17 @@ def print_leaderboard(table: pd.DataFrame, sweep: str, metric: str, mode: str, t
     if "tied_with_best" in table.columns:
         console.print(statistics_note(metric))
     console.print(f"compare runs in the MLflow UI: deconvlab ui   (store: {tracking_uri})")
+
+
+def best_sample_image(client: MlflowClient, parent_run_id: str) -> str | None:
+    """The best trial's before/after image (input | output | target, e.g. blurred | restored | sharp) at its
+    last logged epoch, from the sweep's parent run: a local path when the artifacts are on this machine,
+    else its artifact URI; None when the sweep logged no samples (every trial failed, or a task renders none)."""
+    epochs = sorted(a.path for a in client.list_artifacts(parent_run_id, BEST_SAMPLES_DIR) if a.is_dir)
+    images = sorted(a.path for a in client.list_artifacts(parent_run_id, epochs[-1])
+                    if a.path.endswith(".png")) if epochs else []
+    if not images:
+        return None
+    uri = f"{client.get_run(parent_run_id).info.artifact_uri.rstrip('/')}/{images[0]}"
+    parsed = urlparse(uri)
+    return url2pathname(parsed.path) if parsed.scheme == "file" else uri
