@@ -169,9 +169,10 @@ def test_wiener_beats_a_barely_trained_cnn_with_an_interval_that_excludes_zero(m
     assert result["verdict"].startswith(f"A beats B on val/psnr by {result['mean_difference']:.4g} dB")
     assert 0 <= result["p_value"] < 0.05
 
-    # Both sides are what evaluate reports for each model on the same data (the per-image mean).
+    # Both sides are what evaluate reports for each model on the same data (the per-image mean; evaluate
+    # names figures after the split read, here data.split=all).
     for side, uri in (("a", models["wiener"]), ("b", models["cnn"])):
-        assert evaluate(uri, data, log=False).metrics["val/psnr"] == pytest.approx(result[f"mean_{side}"], abs=1e-4)
+        assert evaluate(uri, data, log=False).metrics["all/psnr"] == pytest.approx(result[f"mean_{side}"], abs=1e-4)
 
     run = store.get_run(result["comparison_run_id"])
     assert run.info.status == "FINISHED" and run.info.experiment_id == (
