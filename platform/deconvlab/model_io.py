@@ -5,7 +5,11 @@ of batch 2) whose payload is the *resolved config* and the network's ``state_dic
 network through deconvlab's own config and model classes and reads the weights with
 ``torch.load(weights_only=True)``, so a model URI can never run code hidden in a pickle. The same
 directory carries a ``python_function`` flavour whose loader is this module, so MLflow tools
-(``mlflow.pyfunc.load_model``, ``mlflow models serve``) use the same safe path.
+(``mlflow.pyfunc.load_model``, ``mlflow models serve``) use the same safe path. The model carries the
+deconvlab package's source (``code/deconvlab``, which MLflow puts first on ``sys.path`` when it loads) and
+pins only what loading imports (``requirements.txt``), so it loads in a fresh environment without deconvlab.
+MLflow's loaders run that shipped code, as they run any pyfunc model's; :func:`load_model` never imports it
+(it rebuilds with the installed deconvlab), so a model from an untrusted source is safe only through it.
 
 Model URIs: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``models:/NAME`` (latest version),
 ``runs:/RUN_ID`` (a run's own best checkpoint and ``config.yaml``; a unique prefix of >= 6 characters of
@@ -19,6 +23,7 @@ hyperparameters do not say which network or data it was trained with, so its con
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import logging
 import re
 import tempfile
@@ -156,9 +161,22 @@ def build_signature(network: torch.nn.Module, example: torch.Tensor) -> ModelSig
     return ModelSignature(inputs=_tensor_schema(in_shape), outputs=_tensor_schema(out_shape))
 
 
+# What loading and predicting imports at module level (model_io, build, every task and model module, and the
+# deconvlab modules they import), by distribution: a saved model's requirements.txt. deconvlab itself travels
+# as code with the model. tests/test_servable.py holds this list to those imports.
+SERVING_DISTRIBUTIONS = ("torch", "pytorch-lightning", "torchmetrics", "hydra-core", "omegaconf", "numpy", "scipy",
+                         "pillow", "pyyaml", "mlflow")
+# The package folder, copied into the model as code/deconvlab.
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
 def pip_requirements() -> list[str]:
-    """Given explicitly: MLflow would otherwise spend seconds inferring them on every save."""
-    return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "deconvlab"]
+    """:data:`SERVING_DISTRIBUTIONS` pinned to the installed versions, without local labels (``+cpu``).
+
+    Given explicitly: MLflow would otherwise spend seconds inferring them on every save. Without the local
+    label, ``torch==2.13.0`` installs from whichever index an environment is set up with (CPU or CUDA).
+    """
+    return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in SERVING_DISTRIBUTIONS]
 
 
 def save_model_dir(task: Any, cfg: DictConfig, path: Path, metadata: dict[str, str] | None = None) -> Path:
@@ -180,7 +198,7 @@ def save_model_dir(task: Any, cfg: DictConfig, path: Path, metadata: dict[str, s
                                 data=f"data/{PAYLOAD_DIR}", config=CONFIG_FILE, weights=WEIGHTS_FILE)
         with quiet_logger("mlflow"):
             mlflow.pyfunc.save_model(str(path), loader_module=__name__, data_path=str(payload),
-                                     mlflow_model=mlflow_model, signature=signature,
+                                     code_paths=[str(PACKAGE_DIR)], mlflow_model=mlflow_model, signature=signature,
                                      input_example=example.numpy(), pip_requirements=pip_requirements(),
                                      metadata=dict(metadata or {}))
     return path
