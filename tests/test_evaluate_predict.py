@@ -297,22 +297,26 @@ def test_predict_restores_grey_and_rgb_images_at_their_size(trained, tmp_path):
     assert np.array_equal(np.asarray(restored), reference)
 
 
-def test_predict_segments_rgb_images_into_colour_labels_and_overlay(trained, tmp_path):
+def test_predict_segments_rgb_images_into_class_indices_colours_and_overlay(trained, tmp_path):
+    """*_labels.png holds class indices (8-bit grey, like the data sets' annotations; issue 26 changed it
+    from a colour rendering), *_colour.png the palette colours, *_overlay.png those on the image."""
     from deconvlab.data.shapes import ShapesConfig, make_shapes_sample
 
     model = trained("segmentation")
     sample = make_shapes_sample(9, "test", 0, ShapesConfig(37, 45))
     image = (sample.image * 255 + 0.5).astype(np.uint8)
     written = predict(model.uri, [_png(tmp_path / "shapes.png", image)], tmp_path / "out")
-    assert [p.name for p in written] == ["shapes_labels.png", "shapes_overlay.png"]
-    labels, overlay = (np.asarray(Image.open(p)) for p in written)
-    assert labels.shape == overlay.shape == (37, 45, 3)
+    assert [p.name for p in written] == ["shapes_labels.png", "shapes_colour.png", "shapes_overlay.png"]
+    assert Image.open(written[0]).mode == "L"
+    labels, colours, overlay = (np.asarray(Image.open(p)) for p in written)
+    assert labels.shape == (37, 45) and colours.shape == overlay.shape == (37, 45, 3)
     palette = np.asarray(model.cfg.data.palette, np.uint8)
     with torch.no_grad():
         predicted = model.reference_network()(torch.from_numpy(image).permute(2, 0,
                                                                               1)[None] / 255.0)[0].argmax(0)
-    assert np.array_equal(labels, palette[predicted.numpy()])
-    assert np.abs(overlay.astype(int) - (image.astype(int) + labels) / 2).max() <= 1
+    assert np.array_equal(labels, predicted.numpy())
+    assert np.array_equal(colours, palette[labels])
+    assert np.abs(overlay.astype(int) - (image.astype(int) + colours) / 2).max() <= 1
 
 
 def test_predict_labels_a_nifti_volume_on_the_same_grid(trained, tmp_path):

@@ -310,7 +310,7 @@ def test_logged_volume_table_is_the_csv_of_its_rows(tracking_uri):
 def test_predict_labels_a_nifti_volume_with_a_patch_net_by_dense_inference(compose, tmp_path):
     from deconvlab.build import build_task
     from deconvlab.model_io import LoadedModel
-    from deconvlab.predict import segment_volume, zscore_inside
+    from deconvlab.predict import prepare_volumes, segment_volume, zscore_inside
 
     cfg = compose("experiment=deepmedic_p9_ctx3_phantom")
     torch.manual_seed(0)
@@ -319,7 +319,8 @@ def test_predict_labels_a_nifti_volume_with_a_patch_net_by_dense_inference(compo
     image, _ = make_phantom(12, seed=3)
     source = tmp_path / "case.nii.gz"
     nib.save(nib.Nifti1Image(np.moveaxis(image, 0, -1), np.eye(4)), str(source))
-    (written,) = segment_volume(loaded, source, tmp_path)
+    (item,) = prepare_volumes(loaded, [source])
+    (written,) = segment_volume(loaded, item, tmp_path)
     # Each brain voxel gets the patch classifier's label for the patch centred on it.
     normalised = zscore_inside(image)
     centres = np.argwhere(np.ones(image.shape[1:], bool))

@@ -19,7 +19,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pytorch_lightning import Callback
@@ -114,6 +114,7 @@ def promote(source: str, name: str, *, metric: str | None = None, mode: str | No
 
 
 def predict(uri: str, inputs: Sequence[str | Path], output: str | Path, *, tracking_uri: str | None = None,
-            trust: bool = False) -> list[Path]:
-    """Apply a model to files (images, NIfTI volumes); returns the files written (``deconvlab predict``)."""
-    return _predict(uri, [str(p) for p in inputs], str(output), tracking_uri=tracking_uri, trust=trust)
+            trust: bool = False, say: Callable[[str], None] | None = None) -> list[Path]:
+    """Apply a model to files (images, MRI case folders, NIfTI volumes), all or nothing; returns the files
+    written (``deconvlab predict``). ``say`` gets the lines on how inputs were read (e.g. ``print``)."""
+    return _predict(uri, [str(p) for p in inputs], str(output), tracking_uri=tracking_uri, trust=trust, say=say)

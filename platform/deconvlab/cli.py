@@ -242,8 +242,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from deconvlab.predict import predict
 
+    # How each input was read (which file fed which modality, RGB restored per channel) comes first, then
+    # every file written, one path a line: the lines a user checks and a script reads.
     written = predict(args.model_uri, args.inputs, args.output, tracking_uri=args.tracking_uri,
-                      trust=args.trust)
+                      trust=args.trust, say=print)
     print("\n".join(str(path) for path in written))
     return 0
 
@@ -297,9 +299,29 @@ def _add_registry_commands(sub: argparse._SubParsersAction) -> None:
     _add_result_options(compare, "do not log a run in experiment comparisons", trust_help, uri_help)
     compare.set_defaults(func=cmd_compare)
 
-    predict = sub.add_parser("predict", help="apply a model to files: images, NIfTI volumes")
-    predict.add_argument("model_uri", help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID")
-    predict.add_argument("inputs", nargs="+", metavar="INPUT", help="input files")
+    predict_description = """\
+Apply a model to files. What each task family takes, and writes into -o OUT:
+  restoration     grey or RGB image (PNG, JPEG, ...) -> NAME_restored.png, same size and channels
+                  (RGB through a one-channel model: restored channel by channel, written as RGB)
+  segmentation    RGB image -> NAME_labels.png (class index per pixel, 8-bit grey like the data sets'
+                  annotations), NAME_colour.png (class colours), NAME_overlay.png (colours on the image)
+  volumetric      a case folder (modalities found by name: flair.nii.gz or *_flair.nii.gz, t1c/t1ce,
+                  t1, t2), the modality files (named so, or in the model's order: its data.modalities,
+                  flair t1c for BraTS models), or one 4-D NIfTI (modalities last)
+                  -> CASE_labels.nii.gz (uint8, the input's grid, affine, qform/sform codes and units)
+  reconstruction  grey image of the training size (e.g. a 28x28 digit) -> NAME_reconstruction.png
+  localisation    RGB image -> NAME_box.png (the box in its class colour), NAME_box.json
+
+It prints which file fed which modality (and any per-channel processing), then every file written.
+All or nothing: every input is read and checked first; if any fails, no output is left, nor an
+output folder this call created."""
+    predict = sub.add_parser("predict", help="apply a model to files: images, MRI case folders, NIfTI volumes",
+                             description=predict_description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    predict.add_argument("model_uri", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID or a .ckpt "
+                                           "file written by train")
+    predict.add_argument("inputs", nargs="+", metavar="INPUT",
+                         help="image files, or for a volume model case folders, modality files or 4-D NIfTIs "
+                              "(what each task family takes: above)")
     predict.add_argument("-o", "--output", required=True, help="folder for the outputs (created if missing)")
     predict.add_argument("--trust", action="store_true", help=trust_help)
     predict.add_argument("--tracking-uri", help=uri_help)

@@ -1,32 +1,47 @@
-"""``deconvlab predict``: apply a model to files, one output per input, by task family.
+"""``deconvlab predict``: apply a model to files, one output per input (per case for volumes), by task family.
 
-============== ============================== ==================================================
-family         input                          output (in ``-o OUT``)
-============== ============================== ==================================================
-restoration    a degraded image (PNG, JPEG..) ``<stem>_restored.png``, same size
-segmentation   an RGB image                   ``<stem>_labels.png`` (palette colours) and
-                                              ``<stem>_overlay.png`` (labels blended on the image)
-volumetric     a NIfTI volume, modalities on  ``<stem>_labels.nii.gz``: uint8 labels, same grid and
-               a 4th axis                     affine
-reconstruction an MNIST-like grey image       ``<stem>_reconstruction.png``, same size
-localisation   an RGB image                   ``<stem>_box.png`` (the predicted box drawn in its class's
-                                              colour) and ``<stem>_box.json`` (class, probability, box)
-============== ============================== ==================================================
+============== ================================ ================================================
+family         input                            output (in ``-o OUT``)
+============== ================================ ================================================
+restoration    a degraded image (PNG, JPEG..)   ``<stem>_restored.png``, same size and channels
+                                                (an RGB image through a one-channel model is
+                                                restored channel by channel and written as RGB)
+segmentation   an RGB image                     ``<stem>_labels.png`` (the class index of each
+                                                pixel, 8-bit grey, like the data sets' annotation
+                                                PNGs), ``<stem>_colour.png`` (the classes'
+                                                colours) and ``<stem>_overlay.png`` (colours
+                                                blended on the image)
+volumetric     a case folder (modality files    ``<case>_labels.nii.gz``: uint8 labels on the
+               found by name), the modality     input's grid, with its affine, qform/sform codes
+               files (named, or in the model's  and units
+               order), or one 4-D NIfTI
+reconstruction an MNIST-like grey image         ``<stem>_reconstruction.png``, same size
+localisation   an RGB image                     ``<stem>_box.png`` (the predicted box drawn in its
+                                                class's colour) and ``<stem>_box.json`` (class,
+                                                probability, box)
+============== ================================ ================================================
 
 Inputs are prepared the way the family's data modules prepare training data (grey or RGB in [0, 1];
-volumes z-scored per modality inside the non-zero region). Missing inputs and inputs of the wrong kind
-are refused before anything is written; an unreadable file or one of the wrong shape stops the command
-with one line naming it.
+volumes z-scored per modality inside the non-zero region). Which file fed which modality, and any change
+of format (an RGB image restored channel by channel), is said in one line per input (``say``).
+
+All or nothing: every input is read and checked before the model runs, and the outputs are written into a
+hidden staging folder inside ``OUT`` and moved into ``OUT`` only once every input has succeeded. If any input
+fails, nothing is left: no output, no staging folder, and no output folder that this call created. Existing
+files in ``OUT`` are replaced only by a call that succeeds.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -35,18 +50,29 @@ from skimage.color import rgb2gray
 
 from deconvlab.boxes import draw_box
 from deconvlab.build import build_datamodule
+from deconvlab.data.brats import DEFAULT_MODALITIES
 from deconvlab.errors import UserError, first_line
 from deconvlab.model_io import LoadedModel, load_model
 from deconvlab.models.localisation import split_output
 from deconvlab.tasks.base import to_uint8
 from deconvlab.tasks.segmentation import colourise
 from deconvlab.volume.dense import dense_probabilities
+from deconvlab.volume.nifti import (
+    NIFTI_SUFFIXES,
+    CaseFiles,
+    gather_cases,
+    read_modalities,
+    read_nifti,
+    save_labels_like,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Networks that pool need sizes divisible by their total stride: inputs are padded to this multiple
 # when the network does not return an output of the input's size as is.
 PAD_MULTIPLE = 32
+# The modality order of a volume model whose data config names none (the phantoms mimic FLAIR and T1c):
+# the BraTS data module's default, read off its signature so the two cannot disagree.
+STAGING_PREFIX = ".predict-"
 
 
 def _kind(path: Path) -> str | None:
@@ -65,12 +91,17 @@ def _stem(path: Path) -> str:
 
 
 def check_inputs(paths: Sequence[Path], family: str, model_name: str) -> None:
-    """Every input exists and is of the kind the family takes (before anything is written)."""
+    """Every input exists and is of the kind the family takes (a case folder counts for volumes)."""
     wanted = PREDICTORS[family].reads
     described = {"image": "images (" + ", ".join(IMAGE_SUFFIXES) + ")",
-                 "nifti": "NIfTI volumes (.nii, .nii.gz)"}
+                 "nifti": "NIfTI volumes (.nii, .nii.gz) or case folders"}
     for path in paths:
-        if not path.is_file():
+        if path.is_dir() and wanted == "nifti":
+            continue
+        if path.is_dir():
+            raise UserError(f"{path} is a folder; the {family} model {model_name} takes image files",
+                            str(path), f"pass the images in it, e.g. {path}/*.png")
+        if not path.exists():
             raise UserError(f"input {path} does not exist", str(path), "check the path")
         if _kind(path) != wanted:
             raise UserError(f"{path.name} is not one of the {described[wanted]} that the {family} model "
@@ -93,12 +124,15 @@ def read_image(path: Path) -> np.ndarray:
     return array.astype(np.float32) / scale
 
 
+def _without_alpha(image: np.ndarray) -> np.ndarray:
+    if image.ndim == 3 and image.shape[-1] == 4:
+        return image[..., :3]
+    return image[..., 0] if image.ndim == 3 and image.shape[-1] == 2 else image  # grey + alpha
+
+
 def as_channels(image: np.ndarray, channels: int) -> np.ndarray:
     """H x W (x C) -> C x H x W with ``channels`` channels (grey <-> RGB as the data modules do)."""
-    if image.ndim == 3 and image.shape[-1] == 4:
-        image = image[..., :3]
-    if image.ndim == 3 and image.shape[-1] == 2:  # grey + alpha
-        image = image[..., 0]
+    image = _without_alpha(image)
     if channels == 1:
         grey = rgb2gray(image) if image.ndim == 3 else image
         return grey[None].astype(np.float32)
@@ -106,15 +140,40 @@ def as_channels(image: np.ndarray, channels: int) -> np.ndarray:
     return np.moveaxis(rgb[..., :channels], -1, 0).astype(np.float32)
 
 
-def read_nifti(path: Path):
-    """A NIfTI image whose voxels can be read, or a UserError."""
-    try:
-        volume = nib.load(str(path))
-        data = np.asarray(volume.dataobj, dtype=np.float32)
-    except Exception as exc:  # noqa: BLE001 - nibabel raises many types (ImageFileError, EOFError, zlib...)
-        raise UserError(f"cannot read NIfTI {path.name}: {first_line(exc)}", str(path),
-                        "pass a valid .nii or .nii.gz volume") from None
-    return volume, data
+@dataclass
+class Item:
+    """One input read and checked, ready to run: the file (or case) it came from, the name its outputs take,
+    what the family's writer needs, and a line telling the user how it was read (or None)."""
+
+    source: Path
+    stem: str
+    data: Any
+    note: str | None = None
+    per_channel: bool = False
+
+
+def _image_item(loaded: LoadedModel, path: Path, default_channels: int, per_channel: bool = False) -> Item:
+    """An image as the model's input batch. With ``per_channel``, an RGB image for a one-channel model
+    becomes a batch of its three channels (restored one by one and put back together as RGB), and a grey
+    image for a three-channel model is said to be repeated; otherwise it is converted as the data modules do."""
+    image = _without_alpha(read_image(path))
+    channels = _expected_channels(loaded, default_channels)
+    note, split = None, per_channel and channels == 1 and image.ndim == 3
+    if split:
+        x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image[..., :3], -1, 0)[:, None]))
+        note = f"{path.name}: RGB image, one-channel model: processed channel by channel, written as RGB"
+    else:
+        x = torch.from_numpy(as_channels(image, channels))[None]
+        if per_channel and channels == 3 and image.ndim == 2:
+            note = f"{path.name}: grey image, three-channel model: given as RGB (grey repeated), written as RGB"
+    _check_size(loaded, x, path)
+    return Item(path, _stem(path), x, note, split)
+
+
+def _images(default_channels: int, per_channel: bool = False) -> Callable[[LoadedModel, list[Path]], list[Item]]:
+    def prepare(loaded: LoadedModel, paths: list[Path]) -> list[Item]:
+        return [_image_item(loaded, path, default_channels, per_channel) for path in paths]
+    return prepare
 
 
 # -- running the network -------------------------------------------------------------------------------
@@ -172,34 +231,44 @@ def _save_png(array: np.ndarray, path: Path) -> Path:
     return path
 
 
-# -- one function per family ---------------------------------------------------------------------------
-def restore(loaded: LoadedModel, path: Path, out: Path) -> list[Path]:
-    x = torch.from_numpy(as_channels(read_image(path), _expected_channels(loaded, 1)))[None]
-    restored = run_same_size(loaded, x, path)[0]
-    return [_save_png(to_uint8(restored), out / f"{_stem(path)}_restored.png")]
+def _picture(output: torch.Tensor, item: Item) -> np.ndarray:
+    """A batch of outputs -> one uint8 picture: the channels of a per-channel batch put back together."""
+    return to_uint8(output[:, 0] if item.per_channel else output[0])
 
 
-def reconstruct(loaded: LoadedModel, path: Path, out: Path) -> list[Path]:
-    x = torch.from_numpy(as_channels(read_image(path), _expected_channels(loaded, 1)))[None]
-    _check_size(loaded, x, path)
-    reconstruction = _forward(loaded, x, path)[0]
-    return [_save_png(to_uint8(reconstruction), out / f"{_stem(path)}_reconstruction.png")]
+# -- one writer per family -----------------------------------------------------------------------------
+def restore(loaded: LoadedModel, item: Item, out: Path) -> list[Path]:
+    restored = run_same_size(loaded, item.data, item.source)
+    return [_save_png(_picture(restored, item), out / f"{item.stem}_restored.png")]
 
 
-def segment(loaded: LoadedModel, path: Path, out: Path) -> list[Path]:
-    image = torch.from_numpy(as_channels(read_image(path), _expected_channels(loaded, 3)))[None]
+def reconstruct(loaded: LoadedModel, item: Item, out: Path) -> list[Path]:
+    reconstruction = _forward(loaded, item.data, item.source)
+    return [_save_png(_picture(reconstruction, item), out / f"{item.stem}_reconstruction.png")]
+
+
+def _class_indices(labels: torch.Tensor) -> np.ndarray:
+    """[H, W] classes as the data sets' annotation PNGs store them: 8-bit grey (16-bit past 255 classes)."""
+    array = labels.cpu().numpy()
+    return array.astype(np.uint8 if array.max(initial=0) < 256 else np.uint16)
+
+
+def segment(loaded: LoadedModel, item: Item, out: Path) -> list[Path]:
+    image = item.data
     size = tuple(image.shape[2:])
     trained_size = loaded.cfg.data.get("image_size")
     # Run at the resolution the model was trained at, then bring the logits back to the file's size.
     x = image if not trained_size else _resize(image, tuple(trained_size))
-    logits = run_same_size(loaded, x, path)
+    logits = run_same_size(loaded, x, item.source)
     if tuple(logits.shape[2:]) != size:
         logits = _resize(logits, size)
-    colours = colourise(logits[0].argmax(0), _palette(loaded))
+    labels = logits[0].argmax(0)
+    colours = colourise(labels, _palette(loaded))
     picture = to_uint8(image[0])
     overlay = (0.5 * picture.astype(np.float32) + 0.5 * colours.astype(np.float32) + 0.5).astype(np.uint8)
-    stem = _stem(path)
-    return [_save_png(colours, out / f"{stem}_labels.png"), _save_png(overlay, out / f"{stem}_overlay.png")]
+    return [_save_png(_class_indices(labels), out / f"{item.stem}_labels.png"),
+            _save_png(colours, out / f"{item.stem}_colour.png"),
+            _save_png(overlay, out / f"{item.stem}_overlay.png")]
 
 
 def _resize(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
@@ -217,6 +286,24 @@ def _palette(loaded: LoadedModel) -> np.ndarray:
     return np.asarray(palette if palette is not None else loaded.task.palette, np.uint8)
 
 
+def localise(loaded: LoadedModel, item: Item, out: Path) -> list[Path]:
+    image, data = item.data, loaded.cfg.data
+    trained_size = data.get("image_size") or ([data.height, data.width] if "height" in data else None)
+    # The box is normalised: predicted at the training resolution, it is drawn on the file as it is.
+    x = image if not trained_size else _resize(image, tuple(trained_size))
+    logits, boxes = split_output(_forward(loaded, x, item.source))
+    label = int(logits[0].argmax())
+    height, width = image.shape[2:]
+    box = boxes[0].tolist()
+    palette = _palette(loaded)
+    drawn = draw_box(to_uint8(image[0]), box, palette[label % len(palette)], max(1, min(height, width) // 64))
+    record = {"class": label, "probability": float(logits[0].softmax(0)[label]), "box_normalised": box,
+              "box_pixels": [box[0] * width, box[1] * height, box[2] * width, box[3] * height]}
+    (out / f"{item.stem}_box.json").write_text(json.dumps(record, indent=1))
+    return [_save_png(drawn, out / f"{item.stem}_box.png"), out / f"{item.stem}_box.json"]
+
+
+# -- volumes -------------------------------------------------------------------------------------------
 def zscore_inside(volume: np.ndarray) -> np.ndarray:
     """[C, ...] volume z-scored per channel over the voxels where any channel is non-zero (zero outside)."""
     inside = np.any(volume != 0, axis=0)
@@ -229,93 +316,161 @@ def zscore_inside(volume: np.ndarray) -> np.ndarray:
     return out
 
 
-def segment_volume(loaded: LoadedModel, path: Path, out: Path) -> list[Path]:
-    volume, data = read_nifti(path)
+def volume_modalities(loaded: LoadedModel) -> tuple[int | None, tuple[str, ...]]:
+    """How many modalities the volume model takes (None: a 2-D patch net, whose channel count is not the
+    modality count) and their names in channel order: the data config's, else the BraTS default."""
     network = loaded.network
-    patch_net = hasattr(network, "dense_logits")  # classifies a patch's centre: dense tiled inference
-    # A patch net's dense input is the modalities (a 2-D net's slices are cut from the volume).
-    channels = (network.in_channels if network.dims == 3 else None) if patch_net else _expected_channels(loaded, 1)
-    if data.ndim == 3:
-        data = data[..., None]
-    if data.ndim != 4 or (channels is not None and data.shape[-1] != channels):
-        raise UserError(f"{path.name} has shape {data.shape} but model {loaded.uri} takes {channels} "
-                        "modalities", str(path), f"pass a 4-D NIfTI X x Y x Z x {channels} (modalities last)")
-    image = zscore_inside(np.moveaxis(data, -1, 0))
-    if patch_net:
+    if hasattr(network, "dense_logits"):  # a patch net's dense input is the modalities
+        count = network.in_channels if network.dims == 3 else None
+    else:
+        count = _expected_channels(loaded, 1)
+    names = loaded.cfg.data.get("modalities")
+    if names:
+        return count, tuple(names)
+    if count is None or count == len(DEFAULT_MODALITIES):
+        return count, DEFAULT_MODALITIES
+    return count, tuple(f"channel{c}" for c in range(count))
+
+
+def _volume_item(loaded: LoadedModel, case: CaseFiles, count: int | None) -> Item:
+    if case.stacked is None:
+        reference, image = read_modalities(case)
+    else:
+        reference, data = read_nifti(case.stacked)
+        if data.ndim != 4 or (count is not None and data.shape[-1] != count):
+            raise UserError(f"{case.stacked.name} has shape {data.shape} but model {loaded.uri} takes {count} "
+                            f"modalities ({', '.join(case.files)})", str(case.stacked),
+                            f"pass a 4-D NIfTI X x Y x Z x {count} (modalities last), a case folder or the "
+                            "modality files")
+        image = np.moveaxis(data, -1, 0)
+    source = case.stacked or next(iter(case.files.values()))
+    return Item(source, case.name, (reference, zscore_inside(image)), case.describe())
+
+
+def prepare_volumes(loaded: LoadedModel, paths: list[Path]) -> list[Item]:
+    """Every input read as a case (see :func:`gather_cases`), z-scored as the volume data modules do."""
+    count, modalities = volume_modalities(loaded)
+    return [_volume_item(loaded, case, count) for case in gather_cases(paths, modalities)]
+
+
+def segment_volume(loaded: LoadedModel, item: Item, out: Path) -> list[Path]:
+    reference, image = item.data
+    network = loaded.network
+    if hasattr(network, "dense_logits"):  # classifies a patch's centre: dense tiled inference
         labels = dense_probabilities(network, image, mask=np.any(image != 0, axis=0)).argmax(0).astype(np.uint8)
     else:
         x = torch.from_numpy(image)[None]
-        logits = _forward(loaded, x, path)
+        logits = _forward(loaded, x, item.source)
         if tuple(logits.shape[2:]) != tuple(x.shape[2:]):
             raise UserError(f"model {loaded.uri} predicts {tuple(logits.shape[2:])} for a volume of "
-                            f"{tuple(x.shape[2:])}", str(path),
+                            f"{tuple(x.shape[2:])}", str(item.source),
                             "predict needs a dense (same-size) volumetric model")
         labels = logits[0].argmax(0).numpy().astype(np.uint8)
-    result = nib.Nifti1Image(labels, volume.affine)
-    result.header.set_zooms(volume.header.get_zooms()[:3])
-    target = out / f"{_stem(path)}_labels.nii.gz"
-    nib.save(result, str(target))
-    return [target]
-
-
-def localise(loaded: LoadedModel, path: Path, out: Path) -> list[Path]:
-    image = torch.from_numpy(as_channels(read_image(path), _expected_channels(loaded, 3)))[None]
-    data = loaded.cfg.data
-    trained_size = data.get("image_size") or ([data.height, data.width] if "height" in data else None)
-    # The box is normalised: predicted at the training resolution, it is drawn on the file as it is.
-    x = image if not trained_size else _resize(image, tuple(trained_size))
-    logits, boxes = split_output(_forward(loaded, x, path))
-    label = int(logits[0].argmax())
-    height, width = image.shape[2:]
-    box = boxes[0].tolist()
-    palette = _palette(loaded)
-    drawn = draw_box(to_uint8(image[0]), box, palette[label % len(palette)], max(1, min(height, width) // 64))
-    stem = _stem(path)
-    record = {"class": label, "probability": float(logits[0].softmax(0)[label]), "box_normalised": box,
-              "box_pixels": [box[0] * width, box[1] * height, box[2] * width, box[3] * height]}
-    (out / f"{stem}_box.json").write_text(json.dumps(record, indent=1))
-    return [_save_png(drawn, out / f"{stem}_box.png"), out / f"{stem}_box.json"]
+    return [save_labels_like(labels, reference, out / f"{item.stem}_labels.nii.gz")]
 
 
 @dataclass(frozen=True)
 class Predictor:
-    """How a task family predicts: the kind of file it reads (``image`` or ``nifti``) and the function
-    that writes its outputs for one file."""
+    """How a task family predicts: the kind of file it reads (``image`` or ``nifti``), how it reads and
+    checks every input before anything runs (``prepare``), and how it writes one item's outputs."""
 
     reads: str
-    run: Callable[[LoadedModel, Path, Path], list[Path]]
+    prepare: Callable[[LoadedModel, list[Path]], list[Item]]
+    run: Callable[[LoadedModel, Item, Path], list[Path]]
 
 
 # One entry per task family (``BaseTask.family``); a test checks that every family has one.
 PREDICTORS: dict[str, Predictor] = {
-    "restoration": Predictor("image", restore), "segmentation": Predictor("image", segment),
-    "volumetric": Predictor("nifti", segment_volume), "reconstruction": Predictor("image", reconstruct),
-    "localisation": Predictor("image", localise),
+    "restoration": Predictor("image", _images(1, per_channel=True), restore),
+    "segmentation": Predictor("image", _images(3), segment),
+    "volumetric": Predictor("nifti", prepare_volumes, segment_volume),
+    "reconstruction": Predictor("image", _images(1, per_channel=True), reconstruct),
+    "localisation": Predictor("image", _images(3), localise),
 }
 
 
+# -- all or nothing ------------------------------------------------------------------------------------
+def _check_distinct(items: Sequence[Item]) -> None:
+    """Two inputs whose outputs would have the same name would overwrite each other: refuse up front."""
+    seen: dict[str, Path] = {}
+    for item in items:
+        if item.stem in seen:
+            raise UserError(f"{seen[item.stem]} and {item.source} would both write {item.stem}_*",
+                            str(item.source), "predict them in separate calls or rename one")
+        seen[item.stem] = item.source
+
+
+def _make_folder(out: Path) -> list[Path]:
+    """Create ``out`` (and missing parents); the folders this created, deepest first."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} is a file", str(out), "pass a folder with -o")
+    created, folder = [], out
+    while not folder.exists():
+        created.append(folder)
+        folder = folder.parent
+    out.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def write_all(items: Sequence[Item], write: Callable[[Item, Path], list[Path]], out: Path) -> list[Path]:
+    """Write every item's outputs into a staging folder inside ``out``, then move them into ``out``.
+
+    On any failure the staged files, the files already moved and the folders this call created are removed,
+    and the error is raised again: a failed call leaves ``out`` as it found it (or absent).
+    """
+    created = _make_folder(out)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+    moved: list[Path] = []
+    try:
+        staged = [path for item in items for path in write(item, staging)]
+        for path in staged:
+            os.replace(path, out / path.name)
+            moved.append(out / path.name)
+        return moved
+    except BaseException:
+        for path in moved:
+            path.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:  # something else appeared in it meanwhile: leave it
+                break
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def predict(uri: str, inputs: Sequence[str | Path], out_dir: str | Path, tracking_uri: str | None = None,
-            trust: bool = False) -> list[Path]:
-    """Apply the model behind ``uri`` to ``inputs``; write the outputs into ``out_dir``.
+            trust: bool = False, say: Callable[[str], None] | None = None) -> list[Path]:
+    """Apply the model behind ``uri`` to ``inputs``; write the outputs into ``out_dir``, all or nothing.
 
     Args:
-        uri: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or ``runs:/RUN_ID``.
-        inputs: files of the kind the model's family takes (see the module docstring).
-        out_dir: created if missing.
+        uri: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/RUN_ID`` or a ``.ckpt`` file.
+        inputs: files (or, for volumes, case folders) of the kind the model's family takes (see the
+            module docstring).
+        out_dir: created if missing (and removed again if this call fails).
         tracking_uri: the MLflow store (default: ``MLFLOW_TRACKING_URI`` or ./mlflow.db).
         trust: allow unpickling (see :func:`deconvlab.model_io.load_model`).
+        say: called with one line per input that was read in a way worth saying (which file fed which
+            modality; an RGB image restored channel by channel), before anything is written.
 
     Returns:
         The files written, in input order.
+
+    Raises:
+        UserError: an input that is missing, of the wrong kind, unreadable or refused by the model; nothing
+            is written then.
     """
     paths = [Path(p) for p in inputs]
     if not paths:
         raise UserError("no input files", "INPUT", "pass one or more files to predict on")
     loaded = load_model(uri, tracking_uri, trust)
+    predictor = PREDICTORS[loaded.family]
     check_inputs(paths, loaded.family, uri)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    for path in paths:
-        written += PREDICTORS[loaded.family].run(loaded, path, out)
-    return written
+    items = predictor.prepare(loaded, paths)
+    _check_distinct(items)
+    for item in items:
+        if item.note and say is not None:
+            say(item.note)
+    return write_all(items, lambda item, folder: predictor.run(loaded, item, folder), Path(out_dir))

@@ -45,6 +45,8 @@ from deconvlab.errors import DataError, MissingDataError
 
 LABEL_FILE, MASK_FILE = "otmulticlass", "brainmask"
 NIFTI_SUFFIX = ".nii.gz"
+# The modalities BraTS models read, in their channel order, unless data.modalities says otherwise.
+DEFAULT_MODALITIES: tuple[str, ...] = ("flair", "t1c")
 # The BraTS label regions (name -> labels it unites): whole tumour, tumour core, enhancing tumour.
 BRATS_REGIONS: dict[str, tuple[int, ...]] = {"whole": (1, 2, 3, 4), "core": (1, 3, 4), "enhancing": (4,)}
 
@@ -269,7 +271,7 @@ class BratsDataModule(SplitDataModule):
     persistent_workers = False
 
     def __init__(self, root: str | None = None, split: str = "val",
-                 modalities: Sequence[str] = ("flair", "t1c"),
+                 modalities: Sequence[str] = DEFAULT_MODALITIES,
                  patch_dims: int = 3, patch_size: int = 9, context_factor: int = 3, slices: int = 1,
                  tumour_fraction: float = 0.5, label_fractions: Sequence[float] | None = None,
                  samples_per_epoch: int = 2048, eval_samples: int = 2048, batch_size: int = 64,
