@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import start_local_ray
+from deconvlab.sweep.records import child_runs
 
 pytestmark = pytest.mark.slow
 
@@ -239,6 +240,64 @@ def test_ui_shows_the_sweep_its_parent_run_and_every_child_run(smoke_sweep, mlfl
     chromium.wait_for(f"{json.dumps(names)}.every(n => document.body.innerText.includes(n))", 60)
     _hide_assistant(chromium)
     chromium.screenshot(DOCS_IMG / "mlflow_sweep_runs.png")
+
+
+# The text of a run's cell in a grid column, and whether it is in sight: inside the viewport and not covered
+# (the grid splits a row between a pinned container (the name) and the scrolled one, joined by row-index).
+CELL_IN_SIGHT = """((runName, colId) => {
+    const name = [...document.querySelectorAll('.ag-row [col-id="attributes.`Run Name`"]')]
+        .find(cell => cell.innerText.split('\\n').map(line => line.trim()).includes(runName));
+    if (!name) return null;
+    const index = name.closest('.ag-row').getAttribute('row-index');
+    const cell = [...document.querySelectorAll(`.ag-row[row-index="${index}"] [col-id]`)]
+        .find(c => c.getAttribute('col-id') === colId);
+    if (!cell) return null;
+    const box = cell.getBoundingClientRect();
+    const hit = document.elementFromPoint(box.left + box.width / 2, box.top + box.height / 2);
+    return {text: cell.innerText.trim(), row: Number(index), inSight: box.left >= 0 && box.right <= innerWidth
+            && box.top >= 0 && box.bottom <= innerHeight && !!hit && cell.contains(hit)};
+})"""
+
+
+def cell(chromium: Chromium, run_name: str, column_id: str) -> dict | None:
+    return chromium.evaluate(f"{CELL_IN_SIGHT}({json.dumps(run_name)}, {json.dumps(column_id)})")
+
+
+def test_ui_opens_the_sweeps_comparison_from_its_url(smoke_sweep, mlflow_ui, tmp_path):
+    """The URL a sweep prints, in a fresh browser and without a click: the trials best first, a trial's metric
+    and sampled value in sight; the same view's charts: the metric per epoch of every trial, parallel coordinates."""
+    from deconvlab.sweep.ui_view import publish_sweep_view
+
+    outcome, client, _, _ = smoke_sweep
+    links = publish_sweep_view(client, outcome.parent_run_id, mlflow_ui)
+    trials = sorted(child_runs(client, client.get_run(outcome.parent_run_id).info.experiment_id,
+                               outcome.parent_run_id), key=lambda r: r.info.run_name)
+    best = client.get_run(outcome.best_run_id)
+    metric = client.get_run(outcome.parent_run_id).data.params["sweep.metric"]
+    sampled = sorted(k for k in best.data.params if k.startswith("sampled."))[0]
+    browser = Chromium(tmp_path / "fresh-profile")
+    try:
+        browser.open(links.table)
+        browser.wait_for(f"{CELL_IN_SIGHT}({json.dumps(best.info.run_name)}, 'metrics.`best/{metric}`')", 120)
+        time.sleep(1)  # the grid lays out its columns after the first rows appear
+        value = cell(browser, best.info.run_name, f"metrics.`best/{metric}`")
+        param = cell(browser, best.info.run_name, f"params.`{sampled}`")
+        rows = browser.evaluate("""[...document.querySelectorAll('.ag-row [col-id="attributes.`Run Name`"]')]
+            .map(cell => cell.innerText.trim().split('\\n').pop().trim())""")
+        _hide_assistant(browser)  # checked in sight with it open; the screenshot shows more columns without
+        browser.screenshot(DOCS_IMG / "mlflow_sweep_comparison.png")
+        browser.open(links.charts)
+        browser.wait_for("document.body.innerText.includes('Parallel Coordinates')", 120)
+        browser.wait_for(f"{json.dumps([f'{t.info.run_name} ({metric})' for t in trials])}"
+                         ".every(n => document.body.innerText.includes(n))", 60)
+        time.sleep(2)  # let the plots draw
+        browser.screenshot(DOCS_IMG / "mlflow_sweep_charts.png")
+    finally:
+        browser.close()
+    assert value["row"] == 0 and value["inSight"], value  # the best trial on top, its metric in sight
+    assert abs(float(value["text"]) - best.data.metrics[f"best/{metric}"]) < 1e-3
+    assert param["inSight"] and param["text"] == best.data.params[sampled], param
+    assert sorted(rows) == [t.info.run_name for t in trials]  # every trial, and only the trials
 
 
 def test_ui_displays_the_parent_runs_pareto_plot_image(smoke_sweep, mlflow_ui, chromium):

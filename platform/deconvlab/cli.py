@@ -179,9 +179,15 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     from deconvlab.runs import mlflow_ui_command
+    from deconvlab.sweep.ui_view import describe_links, experiments_url, local_ui_url, sweep_links
 
+    url = local_ui_url(args.host, args.port)
+    # The sweep is looked up first: an unknown one is one line and exit 2, before any server starts.
+    lines = (describe_links(sweep_links(args.sweep, args.tracking_uri, url)) if args.sweep
+             else [f"experiments, in Model training: {experiments_url(url)}"])
     command = mlflow_ui_command(args.tracking_uri, args.port, args.host)
-    print(f"MLflow UI on http://{args.host}:{args.port} ({' '.join(command)})", flush=True)
+    print(f"MLflow UI on {url} ({' '.join(command)})", flush=True)
+    print("\n".join(lines), flush=True)
     os.execvp(command[0], command)
     return 0  # not reached
 
@@ -416,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     runs.set_defaults(func=cmd_runs)
 
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 against the same store")
+    ui.add_argument("sweep", nargs="?", metavar="SWEEP",
+                    help="a sweep name (its latest run), or a parent or trial run id: print the URL that opens its "
+                         "comparison (trials, metric, sampled values, cost, charts)")
     ui.add_argument("--port", type=int, default=5000, help="default: 5000")
     ui.add_argument("--host", default="127.0.0.1",
                     help="interface to listen on (default loopback only; 0.0.0.0 exposes the UI to the network)")

@@ -28,6 +28,7 @@ from deconvlab.sweep.progress import TrialProgressLines
 from deconvlab.sweep.repeats import RepeatsSweepCallback, param_space, search_settings
 from deconvlab.sweep.spec import SweepSpec, load_sweep, validate
 from deconvlab.sweep.trial import run_trial
+from deconvlab.sweep.ui_view import SweepLinks, describe_links, publish_sweep_view, ui_url_for
 from deconvlab.sweep.views import best_sample_image, config_stats, log_sweep_views, print_leaderboard
 
 DEFAULT_STORAGE = "ray_results"
@@ -49,6 +50,7 @@ class SweepOutcome:
     best_run_id: str | None
     results: ResultGrid | None = None  # Ray Tune's own: every trial's config, metrics, checkpoint, error
     best_sample: str | None = None  # the best trial's before/after image (input | output | target)
+    links: SweepLinks | None = None  # MLflow UI URLs that open the sweep's comparison
 
 
 def _scheduler(spec: SweepSpec, max_epochs: int):
@@ -320,8 +322,11 @@ def run_sweep(name_or_path: str, overrides: Sequence[str] = (), address: str | N
         table = log_sweep_views(client, parent_id)
         _record_best(client, parent_id, table, spec.metric)
         sample = best_sample_image(client, parent_id)
+        links = publish_sweep_view(client, parent_id, ui_url_for(uri))
     if not quiet:
-        print_leaderboard(table, spec.name, spec.metric, spec.mode, uri)
+        print_leaderboard(table, spec.name, spec.metric, spec.mode)
+        served = uri.startswith(("http://", "https://"))  # a server has its UI; a local store needs one started
+        print("\n".join(describe_links(links, None if served else f"deconvlab ui --tracking-uri {uri}")), flush=True)
     best = table.iloc[0] if len(table) else None
     return SweepOutcome(parent_id, experiment, path, table, None if best is None else best["trial"],
-                        None if best is None else best["mlflow_run"], results, sample)
+                        None if best is None else best["mlflow_run"], results, sample, links)

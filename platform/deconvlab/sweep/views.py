@@ -114,13 +114,12 @@ def _write_samples(samples: dict[str, dict[str, bytes]], folder: Path) -> None:
             (folder / epoch / file).write_bytes(data)
 
 
-def print_leaderboard(table: pd.DataFrame, sweep: str, metric: str, mode: str, tracking_uri: str) -> None:
-    """The leaderboard on the terminal, and how to compare the runs in the MLflow UI.
+def print_leaderboard(table: pd.DataFrame, sweep: str, metric: str, mode: str) -> None:
+    """The leaderboard on the terminal (the runner prints the MLflow UI links after it).
 
     Args:
         table: the leaderboard :func:`log_sweep_views` returned.
         sweep: the sweep's name; metric, mode: what it ranked trials by.
-        tracking_uri: the store the runs are in.
     """
     shown = Table(title=f"leaderboard of sweep {sweep}: {metric} ({mode})")
     for column in table.columns:
@@ -131,7 +130,6 @@ def print_leaderboard(table: pd.DataFrame, sweep: str, metric: str, mode: str, t
     console.print(shown)
     if "tied_with_best" in table.columns:
         console.print(statistics_note(metric))
-    console.print(f"compare runs in the MLflow UI: deconvlab ui   (store: {tracking_uri})")
 
 
 def best_sample_image(client: MlflowClient, parent_run_id: str) -> str | None:
