@@ -114,7 +114,9 @@ def promote(source: str, name: str, *, metric: str | None = None, mode: str | No
 
 
 def predict(uri: str, inputs: Sequence[str | Path], output: str | Path, *, tracking_uri: str | None = None,
-            trust: bool = False, say: Callable[[str], None] | None = None) -> list[Path]:
+            trust: bool = False, say: Callable[[str], None] | None = None, tile: int | None = None) -> list[Path]:
     """Apply a model to files (images, MRI case folders, NIfTI volumes), all or nothing; returns the files
-    written (``deconvlab predict``). ``say`` gets the lines on how inputs were read (e.g. ``print``)."""
-    return _predict(uri, [str(p) for p in inputs], str(output), tracking_uri=tracking_uri, trust=trust, say=say)
+    written (``deconvlab predict``). ``say`` gets the lines on how inputs were read (e.g. ``print``); inputs
+    with a side above ``tile`` run in tiles (see ``deconvlab predict --tile``)."""
+    return _predict(uri, [str(p) for p in inputs], str(output), tracking_uri=tracking_uri, trust=trust, say=say,
+                    tile=tile)

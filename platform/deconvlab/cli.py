@@ -251,7 +251,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # How each input was read (which file fed which modality, RGB restored per channel) comes first, then
     # every file written, one path a line: the lines a user checks and a script reads.
     written = predict(args.model_uri, args.inputs, args.output, tracking_uri=args.tracking_uri,
-                      trust=args.trust, say=print)
+                      trust=args.trust, say=print, tile=args.tile)
     print("\n".join(str(path) for path in written))
     return 0
 
@@ -329,6 +329,10 @@ output folder this call created."""
                          help="image files, or for a volume model case folders, modality files or 4-D NIfTIs "
                               "(what each task family takes: above)")
     predict.add_argument("-o", "--output", required=True, help="folder for the outputs (created if missing)")
+    predict.add_argument("--tile", type=int, metavar="N",
+                         help="inputs with a side above N run tile by tile, equal to one pass (same-size networks "
+                              "that can be tiled exactly; others run in one pass and predict says so); "
+                              "default: 1024 pixels for images, 128 voxels for volumes; 0: never tile")
     predict.add_argument("--trust", action="store_true", help=trust_help)
     predict.add_argument("--tracking-uri", help=uri_help)
     predict.set_defaults(func=cmd_predict)

@@ -56,6 +56,7 @@ from deconvlab.model_io import LoadedModel, load_model
 from deconvlab.models.localisation import split_output
 from deconvlab.tasks.base import to_uint8
 from deconvlab.tasks.segmentation import colourise
+from deconvlab.tiling import TilePlan, plan_tiles, tiled_forward
 from deconvlab.volume.dense import dense_probabilities
 from deconvlab.volume.nifti import (
     NIFTI_SUFFIXES,
@@ -73,6 +74,10 @@ PAD_MULTIPLE = 32
 # The modality order of a volume model whose data config names none (the phantoms mimic FLAIR and T1c):
 # the BraTS data module's default, read off its signature so the two cannot disagree.
 STAGING_PREFIX = ".predict-"
+# Inputs with a side above this run in tiles (predict --tile overrides; 0 never tiles), by dimensionality.
+DEFAULT_TILE = {2: 1024, 3: 128}
+# Families whose networks map an input to an output of its own size, the ones tiling applies to.
+TILED_FAMILIES = {"restoration", "segmentation", "volumetric"}
 
 
 def _kind(path: Path) -> str | None:
@@ -150,6 +155,15 @@ class Item:
     data: Any
     note: str | None = None
     per_channel: bool = False
+    tiling: Tiling | None = None  # set by predict for inputs larger than its tile size
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How predict runs an input larger than ``size``: in tiles of ``size`` with ``plan``'s halo and grid."""
+
+    size: int
+    plan: TilePlan
 
 
 def _image_item(loaded: LoadedModel, path: Path, default_channels: int, per_channel: bool = False) -> Item:
@@ -205,10 +219,16 @@ def _forward(loaded: LoadedModel, x: torch.Tensor, path: Path) -> torch.Tensor:
                         "pass an input like the ones the model was trained on") from None
 
 
-def run_same_size(loaded: LoadedModel, x: torch.Tensor, path: Path) -> torch.Tensor:
-    """The network's output at the input's spatial size, padding to a multiple of 32 if it needs it."""
+def run_same_size(loaded: LoadedModel, x: torch.Tensor, path: Path, tiling: Tiling | None = None) -> torch.Tensor:
+    """The network's output at the input's spatial size, padding to a multiple of 32 if it needs it; with
+    ``tiling``, tile by tile (padded to the plan's grid), which equals the one pass (see deconvlab.tiling)."""
     _check_size(loaded, x, path)
     size = tuple(x.shape[2:])
+    if tiling is not None:
+        pads = [(-n) % tiling.plan.multiple for n in size]
+        padded = F.pad(x, [p for pad in reversed(pads) for p in (0, pad)], mode="replicate") if any(pads) else x
+        output = tiled_forward(loaded.network, padded, tiling.size, tiling.plan.halo, tiling.plan.multiple)
+        return output[(..., *(slice(0, n) for n in size))]
     try:
         with torch.no_grad():
             output = loaded.network(x)
@@ -238,7 +258,7 @@ def _picture(output: torch.Tensor, item: Item) -> np.ndarray:
 
 # -- one writer per family -----------------------------------------------------------------------------
 def restore(loaded: LoadedModel, item: Item, out: Path) -> list[Path]:
-    restored = run_same_size(loaded, item.data, item.source)
+    restored = run_same_size(loaded, item.data, item.source, item.tiling)
     return [_save_png(_picture(restored, item), out / f"{item.stem}_restored.png")]
 
 
@@ -259,7 +279,7 @@ def segment(loaded: LoadedModel, item: Item, out: Path) -> list[Path]:
     trained_size = loaded.cfg.data.get("image_size")
     # Run at the resolution the model was trained at, then bring the logits back to the file's size.
     x = image if not trained_size else _resize(image, tuple(trained_size))
-    logits = run_same_size(loaded, x, item.source)
+    logits = run_same_size(loaded, x, item.source, item.tiling if x is image else None)
     if tuple(logits.shape[2:]) != size:
         logits = _resize(logits, size)
     labels = logits[0].argmax(0)
@@ -360,7 +380,8 @@ def segment_volume(loaded: LoadedModel, item: Item, out: Path) -> list[Path]:
         labels = dense_probabilities(network, image, mask=np.any(image != 0, axis=0)).argmax(0).astype(np.uint8)
     else:
         x = torch.from_numpy(image)[None]
-        logits = _forward(loaded, x, item.source)
+        logits = (tiled_forward(loaded.network, x, item.tiling.size, item.tiling.plan.halo, item.tiling.plan.multiple)
+                  if item.tiling else _forward(loaded, x, item.source))
         if tuple(logits.shape[2:]) != tuple(x.shape[2:]):
             raise UserError(f"model {loaded.uri} predicts {tuple(logits.shape[2:])} for a volume of "
                             f"{tuple(x.shape[2:])}", str(item.source),
@@ -441,8 +462,48 @@ def write_all(items: Sequence[Item], write: Callable[[Item, Path], list[Path]], 
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _input_shape(item: Item) -> tuple[int, tuple[int, ...]] | None:
+    """(channels, spatial size) of an image batch or a volume item's array; None for anything else."""
+    data = item.data
+    if isinstance(data, torch.Tensor) and data.dim() >= 4:
+        return int(data.shape[1]), tuple(data.shape[2:])
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[1], np.ndarray) and data[1].ndim >= 3:
+        return int(data[1].shape[0]), tuple(data[1].shape[1:])
+    return None
+
+
+def _tiling_for(loaded: LoadedModel, items: Sequence[Item], tile: int | None,
+                say: Callable[[str], None] | None) -> None:
+    """Mark the inputs larger than ``tile`` (default by dimensionality) to run in tiles, when the network can
+    be tiled exactly; otherwise they run in one pass, and ``say`` is told why."""
+    if tile == 0 or loaded.family not in TILED_FAMILIES or hasattr(loaded.network, "dense_logits"):
+        return  # fixed-size nets cannot be tiled; patch nets already run densely over any volume
+    shapes = {id(item): _input_shape(item) for item in items}
+
+    def too_large(item: Item) -> bool:
+        shape = shapes[id(item)]
+        return shape is not None and max(shape[1]) > (tile or DEFAULT_TILE[len(shape[1])])
+
+    large = [item for item in items if too_large(item)]
+    if not large:
+        return
+    channels, spatial = shapes[id(large[0])]
+    plan = plan_tiles(loaded.network, channels, len(spatial))
+    if plan is None:
+        if say is not None:
+            say(f"{len(large)} input(s) larger than the tile size go through in one pass: model {loaded.uri} "
+                "is not translation-equivariant, so tiles would not equal one pass")
+        return
+    for item in large:
+        spatial = shapes[id(item)][1]
+        item.tiling = Tiling(tile or DEFAULT_TILE[len(spatial)], plan)
+        if say is not None:
+            say(f"{item.stem}: {'x'.join(map(str, spatial))} predicted in tiles of {item.tiling.size} "
+                f"(halo {plan.halo}, grid {plan.multiple}), equal to one pass")
+
+
 def predict(uri: str, inputs: Sequence[str | Path], out_dir: str | Path, tracking_uri: str | None = None,
-            trust: bool = False, say: Callable[[str], None] | None = None) -> list[Path]:
+            trust: bool = False, say: Callable[[str], None] | None = None, tile: int | None = None) -> list[Path]:
     """Apply the model behind ``uri`` to ``inputs``; write the outputs into ``out_dir``, all or nothing.
 
     Args:
@@ -453,7 +514,9 @@ def predict(uri: str, inputs: Sequence[str | Path], out_dir: str | Path, trackin
         tracking_uri: the MLflow store (default: ``MLFLOW_TRACKING_URI`` or ./mlflow.db).
         trust: allow unpickling (see :func:`deconvlab.model_io.load_model`).
         say: called with one line per input that was read in a way worth saying (which file fed which
-            modality; an RGB image restored channel by channel), before anything is written.
+            modality; an RGB image restored channel by channel; tiling), before anything is written.
+        tile: inputs with a side larger than this run tile by tile (same-size networks that can be tiled
+            exactly: deconvlab.tiling); None: 1024 pixels for images, 128 voxels for volumes; 0: never.
 
     Returns:
         The files written, in input order.
@@ -470,6 +533,7 @@ def predict(uri: str, inputs: Sequence[str | Path], out_dir: str | Path, trackin
     check_inputs(paths, loaded.family, uri)
     items = predictor.prepare(loaded, paths)
     _check_distinct(items)
+    _tiling_for(loaded, items, tile, say)
     for item in items:
         if item.note and say is not None:
             say(item.note)
