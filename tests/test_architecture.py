@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "platform" / "deconvlab"
 # Lowest first. A module belongs to the floor of the longest prefix that names it.
 FLOORS: list[tuple[str, ...]] = [
     ("errors", "console", "tiling"),
-    ("config", "perf", "boxes", "macs", "models", "data"),
+    ("config", "perf", "boxes", "macs", "models", "data", "model_list"),
     ("volume",),
     ("tasks",),
     ("tracking", "store", "access", "locks"),

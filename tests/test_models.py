@@ -84,3 +84,11 @@ def test_forward_backward(spec):
     out.float().square().mean().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert not grads or any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_the_source_listing_is_the_imported_catalogue():
+    """`deconvlab list models` reads the decorators' literals instead of importing torch: the same entries."""
+    from deconvlab.model_list import listed_models
+
+    assert [(m.name, m.family, m.target) for m in listed_models()] == \
+        sorted((s.name, s.family, s.target) for s in list_models())
