@@ -1,4 +1,4 @@
-"""The ``deconvlab`` command: train, sweep, list, runs, ui; registry: promote, evaluate, compare, predict, models.
+"""The deconvlab command: train and sweep models, check data, compare runs, promote, evaluate and predict.
 
 User errors print one line ``error: <what> (<where>): <what to do>`` and exit 2; internal errors exit 1
 with one line too, and ``--debug`` shows the traceback.
