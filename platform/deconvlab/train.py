@@ -107,10 +107,15 @@ def run_files(cfg: DictConfig, output_dir: Path, run_id: str | None) -> Iterator
     ``config.yaml`` (resolved, credentials redacted; what ``evaluate``/``predict`` read beside a ``.ckpt``),
     ``overrides.yaml`` (the command line's overrides) and ``train.log`` (start, one line per epoch, result).
 
+    A run that fails or is interrupted keeps the promise of docs/reliability.md instead: no partial file
+    is left (the error is on the terminal and in the tracked run's ``error`` tag), so the record goes too.
+
     Yields:
         The run's logger; its lines go to ``train.log`` only, not to the terminal.
     """
+    created = not output_dir.exists()
     output_dir.mkdir(parents=True, exist_ok=True)
+    record = [output_dir / name for name in (CONFIG_FILE, OVERRIDES_FILE, LOG_FILE)]
     (output_dir / CONFIG_FILE).write_text(redact(OmegaConf.to_yaml(cfg, resolve=True)))
     overrides = list(cfg.get("overrides") or [])
     (output_dir / OVERRIDES_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
@@ -122,15 +127,19 @@ def run_files(cfg: DictConfig, output_dir: Path, run_id: str | None) -> Iterator
     log.addHandler(handler)
     log.info("run %s of %s: overrides %s, tracked run %s", cfg.get("name"), cfg.task._target_, " ".join(overrides),
              run_id or "none (logger disabled)")
+    failed = True
     try:
         yield log
-    except BaseException as exc:
-        log.error("ended by %s: %s", type(exc).__name__, first_line(exc, 500))
-        raise
+        failed = False
     finally:
         log.removeHandler(handler)
         handler.close()
         log.setLevel(previous_level)
+        if failed:
+            for path in record:
+                path.unlink(missing_ok=True)
+            if created and not any(output_dir.iterdir()):
+                output_dir.rmdir()
 
 
 def checked_output_dir(cfg: DictConfig) -> Path:
