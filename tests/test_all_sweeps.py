@@ -21,7 +21,10 @@ def _skip_without_its_data(name: str) -> None:
     spec = load_sweep(name).with_smoke_test()
     try:
         instantiate(compose_config(spec.trial_overrides({})).data).setup("validate")
-    except FileNotFoundError as missing:
+    except Exception as exc:  # Hydra wraps a constructor's error: the missing folder is its cause
+        missing = exc if isinstance(exc, FileNotFoundError) else exc.__cause__
+        if not isinstance(missing, FileNotFoundError):
+            raise
         pytest.skip(f"data for sweep {name} is absent: {missing}")
 
 
