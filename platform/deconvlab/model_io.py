@@ -35,7 +35,6 @@ from typing import Any
 import mlflow
 import mlflow.artifacts
 import mlflow.pyfunc
-import mlflow.pytorch
 import numpy as np
 import torch
 import yaml
@@ -305,6 +304,10 @@ def _load_version(client, uri: str, match: re.Match, trust: bool) -> LoadedModel
 
 def _load_foreign(client, version, local: Path) -> tuple[DictConfig, Any]:
     """A version saved by another flavour (mlflow.pytorch pickles): only with --trust."""
+    # Imported here: mlflow.pytorch brings its Lightning autologging, torch._dynamo and TensorBoard (3-4 s),
+    # which only this rare path needs.
+    import mlflow.pytorch
+
     cfg = run_config(client, version.run_id)
     task = build_task(cfg)
     task.model = mlflow.pytorch.load_model(str(local))
