@@ -37,3 +37,11 @@ def test_a_network_that_cannot_be_tiled_exactly_runs_in_one_pass_and_says_so(mod
     image = skimage.data.camera()[:100, :100]
     restored, printed = _restored(tmp_path, model_uri("restoration"), image, "32", capsys)
     assert "go through in one pass" in printed and restored.shape == (100, 100)
+
+
+def test_a_negative_tile_size_is_one_line_and_writes_nothing(tmp_path, capsys):
+    source = tmp_path / "camera.png"
+    Image.fromarray(skimage.data.camera()[:64, :64]).save(source)
+    assert main(["predict", "models:/whatever@champion", str(source), "-o", str(tmp_path / "out"),
+                 "--tile", "-3"]) == 2
+    assert "--tile must be" in capsys.readouterr().err and not (tmp_path / "out").exists()

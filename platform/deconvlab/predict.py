@@ -528,6 +528,9 @@ def predict(uri: str, inputs: Sequence[str | Path], out_dir: str | Path, trackin
     paths = [Path(p) for p in inputs]
     if not paths:
         raise UserError("no input files", "INPUT", "pass one or more files to predict on")
+    if tile is not None and tile < 0:
+        raise UserError(f"--tile must be a size in pixels/voxels >= 0, got {tile}", "--tile",
+                        "e.g. --tile 512, or --tile 0 to never tile")
     loaded = load_model(uri, tracking_uri, trust)
     predictor = PREDICTORS[loaded.family]
     check_inputs(paths, loaded.family, uri)
