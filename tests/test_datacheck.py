@@ -85,3 +85,9 @@ def test_progress_shows_on_a_terminal_and_not_under_quiet(monkeypatch):
     finally:
         set_progress(True)
     assert terminal.text == []
+
+
+def test_an_unknown_data_set_is_one_line(capsys):
+    assert main(["data", "check", "data=camvd"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "did you mean 'camvid'" in err[0]
