@@ -309,9 +309,9 @@ def run_sweep(name_or_path: str, overrides: Sequence[str] = (), address: str | N
                                  verbosity, restore_path, int(base.seed))
             if progress:
                 print(f"sweep {spec.name}: {describe_plan(spec)}; Ray storage {path}", flush=True)
-            # Tune prints an experiment box and a TensorBoard hint even at verbose=0: when our progress lines
-            # report instead, Tune's stdout is dropped (its warnings and errors go to stderr and stay).
-            with contextlib.redirect_stdout(io.StringIO()) if progress else contextlib.nullcontext():
+            # Tune prints an experiment box and a TensorBoard hint even at verbose=0: unless its own reporter was
+            # asked for (--verbose), Tune's stdout is dropped (its warnings and errors go to stderr and stay).
+            with contextlib.redirect_stdout(io.StringIO()) if not verbose else contextlib.nullcontext():
                 results = tuner.fit()
         except BaseException as exc:
             close_open_children(client, experiment_id, parent_id, tracking.status_for(exc))
