@@ -13,7 +13,6 @@ its own.
 from __future__ import annotations
 
 import logging
-import re
 import sys
 import warnings
 from collections.abc import Iterable, Iterator
@@ -43,7 +42,6 @@ STACK_WARNINGS = (
 # Banners logged as warnings: Ray's "Token authentication is enabled for this Ray cluster" on every local
 # start (the token is what infra/ sets up on purpose; errors about it still show).
 BANNER_LOGGERS = ("ray._private.authentication.authentication_token_setup",)
-ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def quiet_third_party(verbose: bool = False) -> None:
@@ -66,10 +64,6 @@ def is_terminal(stream=None) -> bool:
     stream = stream or sys.stdout
     return bool(getattr(stream, "isatty", lambda: False)())
 
-
-def plain(text: str) -> str:
-    """``text`` without ANSI colour and cursor codes (for logs, pipes and CI)."""
-    return ANSI_ESCAPE.sub("", text)
 
 
 def set_progress(enabled: bool) -> None:
