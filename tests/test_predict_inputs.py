@@ -27,6 +27,7 @@ from deconvlab.predict import PREDICTORS, Predictor, predict
 from deconvlab.promote import promote
 from deconvlab.train import train
 from test_evaluate_predict import FAMILIES
+from test_evaluate_predict import _run_cli as _cli
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +45,6 @@ def model_uri(tmp_path_factory):
             return cache[family]
 
         yield get
-
-
-def _cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def _labels(path: Path) -> np.ndarray:
