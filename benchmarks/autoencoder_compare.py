@@ -7,6 +7,11 @@ and per-pixel MSE/BCE on val; with ``--root`` also on the 10k test set, read onc
     .venv/bin/python benchmarks/autoencoder_compare.py --epochs 6
     .venv/bin/python benchmarks/autoencoder_compare.py --epochs 6 --root ../shared/data/mnist
     .venv/bin/python benchmarks/autoencoder_compare.py --smoke-test
+    .venv/bin/python benchmarks/autoencoder_compare.py --epochs 20 --root ../shared/data/mnist --seeds 0 1 2
+
+With several ``--seeds`` each model trains once per seed (the seed sets the initialisation and the data
+order, the same for every model), and a summary gives each model's mean test (else val) MSE over seeds
+with its 95 % Student t interval, and each model's difference to the fully connected one, paired by seed.
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ import torch.nn.functional as F
 
 from deconvlab.data.mnist import MNISTDataModule
 from deconvlab.models.autoencoder import ConvAutoencoder, FCAutoencoder
+from deconvlab.sweep.leaderboard import seed_stats
 
+BASELINE = "fc [140] (225k)"
 MODELS = {
-    "fc [140] (225k)": lambda code: FCAutoencoder(hidden_sizes=[140], code_size=code),
+    BASELINE: lambda code: FCAutoencoder(hidden_sizes=[140], code_size=code),
     "conv naive (224k)": lambda code: ConvAutoencoder(code_size=code, unpool="naive"),
     "conv switches (224k)": lambda code: ConvAutoencoder(code_size=code, unpool="switches"),
     "conv upsample (224k)": lambda code: ConvAutoencoder(code_size=code, unpool="upsample"),
@@ -69,34 +76,59 @@ def main() -> None:
     parser.add_argument("--root", default=None, help="folder of MNIST IDX files (adds the 10k test set)")
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per model and seed")
     parser.add_argument("--smoke-test", action="store_true", help="tiny data, 5 steps per model")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     limit = 256 if args.smoke_test else None
-    val = MNISTDataModule(root=args.root, split="val", batch_size=args.batch_size, max_samples=limit)
-    val.setup("fit")
     test = None
     if args.root is not None:
         test = MNISTDataModule(root=args.root, split="test", batch_size=256, max_samples=limit)
         test.setup("validate")
-    print(f"train {len(val.train_set)} / val {len(val.eval_set)} digits, code size {args.code_size}, "
-          f"{args.epochs} epochs, Adam lr {args.lr}, batch {args.batch_size}, {args.threads} thread(s)")
-    print(f"{'model':22s} {'params':>8s} {'steps':>6s} {'sec':>6s} {'val MSE':>8s} {'val BCE':>8s}"
-          + (f" {'test MSE':>9s} {'test BCE':>9s}" if test else ""))
-    for name in args.models:
-        torch.manual_seed(0)
-        model = MODELS[name](args.code_size)
-        params = sum(p.numel() for p in model.parameters())
-        start = time.perf_counter()
-        steps = train(model, val, args.epochs, args.lr, 5 if args.smoke_test else None)
-        seconds = time.perf_counter() - start
-        v = evaluate(model, val.val_dataloader())
-        line = f"{name:22s} {params:8d} {steps:6d} {seconds:6.1f} {v['mse']:8.4f} {v['bce']:8.4f}"
-        if test is not None:
-            t = evaluate(model, test.val_dataloader())
-            line += f" {t['mse']:9.4f} {t['bce']:9.4f}"
-        print(line, flush=True)
+    scores: dict[str, dict[int, float]] = {name: {} for name in args.models}
+    header_done = False
+    for seed in args.seeds:
+        val = MNISTDataModule(root=args.root, split="val", batch_size=args.batch_size, max_samples=limit, seed=seed)
+        val.setup("fit")
+        if not header_done:
+            print(f"train {len(val.train_set)} / val {len(val.eval_set)} digits, code size {args.code_size}, "
+                  f"{args.epochs} epochs, Adam lr {args.lr}, batch {args.batch_size}, {args.threads} thread(s)")
+            print(f"{'model':22s} {'seed':>4s} {'params':>8s} {'steps':>6s} {'sec':>6s} {'val MSE':>8s} "
+                  f"{'val BCE':>8s}" + (f" {'test MSE':>9s} {'test BCE':>9s}" if test else ""))
+            header_done = True
+        for name in args.models:
+            torch.manual_seed(seed)
+            model = MODELS[name](args.code_size)
+            params = sum(p.numel() for p in model.parameters())
+            start = time.perf_counter()
+            steps = train(model, val, args.epochs, args.lr, 5 if args.smoke_test else None)
+            seconds = time.perf_counter() - start
+            v = evaluate(model, val.val_dataloader())
+            line = f"{name:22s} {seed:4d} {params:8d} {steps:6d} {seconds:6.1f} {v['mse']:8.4f} {v['bce']:8.4f}"
+            scores[name][seed] = v["mse"]
+            if test is not None:
+                t = evaluate(model, test.val_dataloader())
+                line += f" {t['mse']:9.4f} {t['bce']:9.4f}"
+                scores[name][seed] = t["mse"]
+            print(line, flush=True)
+    if len(args.seeds) > 1:
+        print_summary(scores, "test" if test is not None else "val")
+
+
+def print_summary(scores: dict[str, dict[int, float]], split: str) -> None:
+    """Mean MSE per model over seeds, and the difference to the fully connected model paired by seed."""
+    print(f"\n{split} MSE over {len(next(iter(scores.values())))} seeds: mean [95 % Student t interval]")
+    for name, by_seed in scores.items():
+        stats = seed_stats(by_seed.values())
+        line = f"{name:22s} {stats.mean:.4f} [{stats.ci_low:.4f}, {stats.ci_high:.4f}]"
+        if name != BASELINE and BASELINE in scores:
+            differences = [value - scores[BASELINE][seed] for seed, value in by_seed.items()]
+            diff = seed_stats(differences)
+            verdict = "lower" if diff.ci_high < 0 else "higher" if diff.ci_low > 0 else "not distinguishable"
+            line += (f"   minus fc: {diff.mean:+.4f} [{diff.ci_low:+.4f}, {diff.ci_high:+.4f}] ({verdict}; "
+                     f"{sum(d < 0 for d in differences)} of {len(differences)} seeds lower)")
+        print(line)
 
 
 if __name__ == "__main__":

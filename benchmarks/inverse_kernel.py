@@ -7,8 +7,9 @@ separable approximations; optionally a trained Xu network from a Lightning check
 
 Part 2 (speed): for K in {31, 61, 121} on a 512x512 image, the time of the full 2-D convolution with
 k_dagger, of the rank-r separable 1-D convolutions (r picked by singular-value energy, and r=3), and of
-FFT Wiener, measured interleaved in one run (median of repeats, one thread), with each one's PSNR and its
-gap to exact (FFT) Wiener.
+FFT Wiener, measured in interleaved rounds in one run (median, one thread), with each one's PSNR, its gap to exact
+(FFT) Wiener, its multiply-adds per pixel against the full kernel's, and the rate it reached (GMAC/s): the
+time ratio differs from the MAC ratio by how well each convolution uses the CPU.
 
     python benchmarks/inverse_kernel.py                       # BSD68 val split + Set5 when present
     python benchmarks/inverse_kernel.py --smoke-test          # seconds, skimage images
@@ -155,45 +156,67 @@ def quality(smoke: bool, support: int, xu: torch.nn.Module | None) -> None:
                     print(f"| {label} | {mean_psnr:.2f} | {mean_ssim:.3f} |")
 
 
-def timed(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[float, torch.Tensor]:
-    out, times = fn(), []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+def interleaved_medians(runs: dict[str, Callable[[], torch.Tensor]], rounds: int
+                        ) -> dict[str, tuple[float, torch.Tensor]]:
+    """Median seconds and last output of each run, timed in ``rounds`` interleaved rounds.
+
+    Each round runs every method once, in an order rotated by one per round, so a burst of load on this
+    shared machine slows all methods alike instead of whichever happened to be running.
+    """
+    outputs = {label: fn() for label, fn in runs.items()}  # warm-up: allocations, first-call dispatch
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    labels = list(runs)
+    for round_index in range(rounds):
+        shift = round_index % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            start = time.perf_counter()
+            outputs[label] = runs[label]()
+            times[label].append(time.perf_counter() - start)
+    return {label: (statistics.median(times[label]), outputs[label]) for label in labels}
+
+
+def macs_per_pixel(label: str, support: int, rank: int | None) -> float | None:
+    """Multiply-adds per output pixel of a spatial method (None for FFT Wiener)."""
+    if label.startswith("full"):
+        return float(support * support)
+    if rank is not None:
+        return 2.0 * rank * support + rank  # r horizontal + r vertical K-tap passes, then the r-way sum
+    return None
 
 
 def speed(smoke: bool, snr: float = 30.0) -> None:
     from skimage import data
 
-    size, supports, repeats = (128, (15, 31), 1) if smoke else (512, (31, 61, 121), 5)
+    size, supports, rounds = (128, (15, 31), 1) if smoke else (512, (31, 61, 121), 7)
     top = (512 - size) // 2  # the centre: the camera's top-left corner is flat sky
     sharp = torch.from_numpy(data.camera()[top : top + size, top : top + size] / 255.0).float()
     kernel = disk_kernel(7)
     blurred = Degradation(kernel, 0.01)(sharp[None], torch.Generator().manual_seed(0))[0]
     exact = psnr(wiener_deconvolve(blurred, kernel, snr), sharp)
-    print(f"\n### Speed on a {size}x{size} image (disk r=7, 1% noise, SNR={snr:g}, 1 thread)\n")
+    print(f"\n### Speed on a {size}x{size} image (disk r=7, 1% noise, SNR={snr:g}, 1 thread, "
+          f"median of {rounds} interleaved rounds)\n")
     print(f"exact FFT Wiener PSNR: {exact:.2f} dB\n")
-    print("| K | method | time ms | PSNR dB | gap to FFT Wiener dB | speed-up vs full 2-D |")
-    print("|---|---|---|---|---|---|")
+    print("| K | method | time ms | PSNR dB | gap to FFT Wiener dB | speed-up vs full 2-D | MAC ratio | GMAC/s |")
+    print("|---|---|---|---|---|---|---|---|")
     for support in supports:
         k_dagger = pseudo_inverse_kernel(kernel, support, snr).float()
         picked = choose_rank(k_dagger)
         runs = {"full 2-D conv": lambda kd=k_dagger: spatial_filter(blurred, kd)}
+        ranks: dict[str, int | None] = {"full 2-D conv": None}
         for rank in sorted({3, picked}):
             factors = separable_factors(k_dagger, rank)
             label = f"separable r={rank}" + (" (picked)" if rank == picked else "")
-            runs[label] = lambda f=factors: separable_filter(blurred, *f)
-        runs["FFT Wiener"] = lambda: wiener_deconvolve(blurred, kernel, snr)
-        results = {label: timed(fn, repeats) for label, fn in runs.items()}
-        full_time = results["full 2-D conv"][0]
+            runs[label], ranks[label] = (lambda f=factors: separable_filter(blurred, *f)), rank
+        runs["FFT Wiener"], ranks["FFT Wiener"] = (lambda: wiener_deconvolve(blurred, kernel, snr)), None
+        results = interleaved_medians(runs, rounds)
+        full_time, full_macs = results["full 2-D conv"][0], float(support * support)
         for label, (seconds, out) in results.items():
             value = psnr(out, sharp)
-            print(
-                f"| {support} | {label} | {seconds * 1e3:.1f} | {value:.2f} | {value - exact:+.2f} | "
-                f"{full_time / seconds:.1f}x |"
-            )
+            macs = macs_per_pixel(label, support, ranks[label])
+            ratio = f"{full_macs / macs:.1f}x" if macs else "-"
+            rate = f"{macs * size * size / seconds / 1e9:.2f}" if macs else "-"
+            print(f"| {support} | {label} | {seconds * 1e3:.1f} | {value:.2f} | {value - exact:+.2f} | "
+                  f"{full_time / seconds:.1f}x | {ratio} | {rate} |")
 
 
 def main() -> None:

@@ -48,6 +48,29 @@ def test_flat_folder_is_split_and_subfolders_win(tmp_path):
         list_image_files(tmp_path / "missing", "val")
 
 
+def test_extra_training_folders_add_training_images_only(tmp_path):
+    from skimage.io import imsave
+
+    from deconvlab.errors import MissingDataError
+
+    for folder, count in (("main", 10), ("extra", 3)):
+        (tmp_path / folder).mkdir()
+        for i in range(count):
+            pixels = np.random.default_rng(i).random((40, 40, 3 if folder == "extra" else 1)).squeeze()
+            imsave(tmp_path / folder / f"im{i}.png", (pixels * 255).astype(np.uint8))
+    degradation = Degradation(disk_kernel(2.0), 0.01)
+    module = NaturalImagesDataModule(degradation, root=str(tmp_path / "main"), patch_size=16,
+                                     extra_train_roots=[str(tmp_path / "extra")])
+    module.setup("fit")
+    assert len(module.train_set.sharp) == 8 + 3 and len(module.eval_set) == 2
+    assert all(image.shape[0] == 1 for image in module.train_set.sharp)  # RGB extras read as grayscale
+    missing = NaturalImagesDataModule(degradation, root=str(tmp_path / "main"), patch_size=16,
+                                      extra_train_roots=[str(tmp_path / "nowhere")])
+    with pytest.raises(MissingDataError, match="nowhere") as error:
+        missing.setup("fit")
+    assert error.value.where == "data.extra_train_roots"
+
+
 @pytest.mark.data
 def test_bsd68_folder_loads_as_grayscale():
     root = shared_data("deblur", "BSD68")

@@ -112,9 +112,10 @@ def test_unknown_sweep_name_points_to_the_listing():
 
 
 def test_a_model_switch_that_cannot_build_is_refused_before_trials(tmp_path):
-    # xu_full's experiment sets model.freeze_deconv, which the Wiener model does not take.
+    # The sweep's overrides set model.freeze_deconv, which the Wiener model does not take.
     spec = load_sweep(_write(tmp_path, """
         experiment: xu_full_disk7_sat_jpeg90_bsd68
+        overrides: ["++model.freeze_deconv=true"]
         metric: val/psnr
         mode: max
         search_space:

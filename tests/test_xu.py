@@ -167,7 +167,7 @@ def test_xu_full_trains_end_to_end_and_beats_its_blurred_input(compose) -> None:
     # Catches a broken SVD start or DCNN -> ODCNN wiring, and a PSNR that is not the model's: the input
     # (~21 dB) passes a bare "> 15".
     metrics = _train(compose, "experiment=xu_full_disk7_skimage", "model.support=91", "model.rank=16",
-                     "model.width=8", "optim.lr=1e-4", "data.patch_size=48")
+                     "model.outlier.width=8", "optim.lr=1e-4", "data.patch_size=48")
     assert metrics["val/psnr"] > metrics["val/psnr_input"] + 1.0
 
 
@@ -197,3 +197,57 @@ def test_bsd68_experiments_train_end_to_end(compose, experiment: str, model_over
         torch.manual_seed(0)
         untrained = _validation_metrics(cfg, build_task(cfg))
         assert metrics["val/loss"] < 0.98 * untrained["val/loss"]
+
+
+def test_a_module_lr_scale_gives_its_parameters_their_own_learning_rate() -> None:
+    from functools import partial
+
+    from deconvlab.tasks.base import parameter_groups
+
+    model = DeconvOutlierCNN(disk_kernel(2), support=15, rank=4, width=4, kernel_sizes=(4, 1, 2))
+    model.deconv.lr_scale = 0.01
+    groups = parameter_groups(model, partial(torch.optim.Adam, lr=2e-3))
+    optimiser = torch.optim.Adam(groups, lr=2e-3)
+    lr_of = {id(p): g["lr"] for g in optimiser.param_groups for p in g["params"]}
+    assert lr_of[id(model.deconv.horizontal.weight)] == pytest.approx(2e-5)
+    assert lr_of[id(model.outlier.convs[0].weight)] == pytest.approx(2e-3)
+    assert len(lr_of) == sum(1 for _ in model.parameters())
+    model.deconv.requires_grad_(False)  # frozen parameters stay out of the optimiser
+    frozen = parameter_groups(model, partial(torch.optim.Adam, lr=2e-3))
+    assert sum(len(g["params"]) for g in frozen) == sum(1 for _ in model.outlier.parameters())
+
+
+def test_loss_border_trains_on_the_crop_interior_only() -> None:
+    from deconvlab.tasks.restoration import RestorationTask
+
+    class Spoil(torch.nn.Module):  # exact inside, wrong in a 3-pixel frame
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            wrong = torch.ones_like(x)
+            wrong[..., 3:-3, 3:-3] = 0
+            return x + wrong
+
+    batch = {"input": torch.rand(2, 1, 16, 16)}
+    batch["target"] = batch["input"].clone()
+    for border, expected_zero in ((3, True), (2, False)):
+        task = RestorationTask(Spoil(), loss="mse", loss_border=border)
+        loss, output = task.step(batch)
+        assert (float(loss) == 0.0) is expected_zero
+        assert output.shape == batch["input"].shape
+    task.eval()  # validation losses cover the whole image
+    assert float(task.step(batch)[0]) > 0
+    with pytest.raises(ValueError, match="loss_border"):
+        RestorationTask(Spoil(), loss_border=8).step(batch)
+
+
+def test_a_dilated_outlier_network_starts_at_the_wiener_filter_and_runs_per_channel() -> None:
+    from deconvlab.models.simple import ResidualDeblurCNN
+
+    kernel = motion_kernel(7, 30)
+    model = DeconvOutlierCNN(kernel, support=21, rank=6, snr=50.0,
+                             outlier=ResidualDeblurCNN(width=4, depth=3, max_dilation=2))
+    x = torch.rand(2, 3, 40, 36)
+    expected = separable_filter(x, *separable_factors(pseudo_inverse_kernel(kernel, 21, 50.0), 6))
+    with torch.no_grad():
+        assert float((model(x) - expected).abs().max()) < 1e-4
+        model.outlier.body[-1].bias.fill_(0.5)  # now it acts: on every channel alike
+        torch.testing.assert_close(model(x), expected + 0.5, atol=1e-4, rtol=0)

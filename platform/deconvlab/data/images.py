@@ -176,6 +176,9 @@ class NaturalImagesDataModule(SplitDataModule):
         max_eval_size: centre-crop evaluation images to at most this side (None = whole images).
         batch_size, num_workers, seed: the usual.
         augment: random flips and 90-degree rotations of training crops (albumentations).
+        extra_train_roots: more folders of natural images whose every image is a training image (e.g.
+            CamVid's training photographs, read as grayscale): a learnt restorer sees more texture than
+            one data set's training split holds. Validation and test stay ``root``'s.
     """
 
     seeded_shuffle = False
@@ -185,9 +188,11 @@ class NaturalImagesDataModule(SplitDataModule):
 
     def __init__(self, degradation: Degradation, root: str | None = None, split: str = "val",
                  patch_size: int = 48, samples_per_epoch: int = 256, max_eval_size: int | None = 256,
-                 batch_size: int = 16, num_workers: int = 0, seed: int = 0, augment: bool = True) -> None:
+                 batch_size: int = 16, num_workers: int = 0, seed: int = 0, augment: bool = True,
+                 extra_train_roots: Sequence[str] = ()) -> None:
         super().__init__(batch_size, num_workers, seed)
         self.augment = augment
+        self.extra_train_roots = [str(r) for r in extra_train_roots]
         self.degradation = degradation
         self.root, self.split = root, split
         self.patch_size, self.samples_per_epoch = patch_size, samples_per_epoch
@@ -200,6 +205,13 @@ class NaturalImagesDataModule(SplitDataModule):
             arrays = load_image_files(list_image_files(Path(self.root), split))
         return [torch.from_numpy(a)[None] for a in arrays]
 
+    def _extra_training_images(self) -> list[np.ndarray]:
+        for root in self.extra_train_roots:
+            if not Path(root).is_dir():
+                raise MissingDataError(f"extra training image folder {root} does not exist",
+                                       "data.extra_train_roots", "list folders of images, or [] for none")
+        return [a for root in self.extra_train_roots for a in load_image_files(list_image_files(Path(root), "all"))]
+
     def _centre_crop(self, image: torch.Tensor) -> torch.Tensor:
         if self.max_eval_size is None:
             return image
@@ -210,7 +222,8 @@ class NaturalImagesDataModule(SplitDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
-            self.train_set = BlurredCropDataset(self._images("train"), self.degradation, self.patch_size,
+            extra = [torch.from_numpy(a)[None] for a in self._extra_training_images()]
+            self.train_set = BlurredCropDataset(self._images("train") + extra, self.degradation, self.patch_size,
                                                 self.samples_per_epoch, self.seed, self.augment)
         if self.eval_set is None:
             eval_images = [self._centre_crop(im) for im in self._images(self.split)]

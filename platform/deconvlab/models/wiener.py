@@ -276,6 +276,10 @@ class Wiener(nn.Module):
         learn_snr: make ``log(1/SNR)`` a trainable parameter (needs ``snr``), so a run can tune the one
             number Wiener has on training data; off, the model has no parameters at all.
         clip: clip the output to [0, 1], the range of the sharp images.
+        lr_scale: the learning rate of ``log(1/SNR)`` relative to the optimiser's
+            (:func:`deconvlab.tasks.base.parameter_groups`): one log-scale number moves ~50 times too
+            slowly at a rate meant for network weights, so a sweep comparing Wiener with networks at one
+            ``optim.lr`` would leave its SNR where it started.
     """
 
     def __init__(
@@ -286,8 +290,10 @@ class Wiener(nn.Module):
         margin: int | None = None,
         learn_snr: bool = False,
         clip: bool = True,
+        lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
+        self.lr_scale = lr_scale
         if boundary not in BOUNDARIES:
             raise ValueError(f"boundary must be one of {BOUNDARIES}, got {boundary!r}")
         if learn_snr and snr is None:

@@ -65,6 +65,9 @@ class DeconvCNN(nn.Module):
         init: "svd" (start as the rank-r separable Wiener filter) or "random" (PyTorch's default
             initialisation, to measure what the SVD start buys).
         channels: if given, inputs must have this many channels.
+        lr_scale: its learning rate relative to the optimiser's
+            (:func:`deconvlab.tasks.base.parameter_groups`): the SVD start's weights are an inverse kernel
+            of size ~1e-3, which one Adam step at a rate meant for network weights rewrites.
     """
 
     def __init__(
@@ -75,8 +78,10 @@ class DeconvCNN(nn.Module):
         snr: float = 30.0,
         init: str = "svd",
         channels: int | None = None,
+        lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
+        self.lr_scale = lr_scale
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         if support % 2 == 0 or not 1 <= rank <= support:
@@ -185,6 +190,12 @@ class DeconvOutlierCNN(nn.Module):
         freeze_deconv: keep the deconvolution CNN at its initialisation and train only the outlier
             network (Xu et al. train the two sub-networks separately before fine-tuning them together;
             on a CPU budget, a frozen SVD start avoids large steps wrecking the inverse kernel).
+        deconv_lr_scale: the deconvolution CNN's ``lr_scale`` when it is trained jointly.
+        outlier: the outlier-rejection network to use instead of Xu's (``width`` and ``kernel_sizes``
+            are then unused): a single-channel module mapping ``[N, 1, H, W]`` to the same shape,
+            applied to each channel. For a CPU budget, a dilated residual stack
+            (:class:`~deconvlab.models.simple.ResidualDeblurCNN`) sees a wider field per multiply-add
+            than Xu's 16x16 and 8x8 kernels (docs/benchmarks.md has the comparison).
         channels: if given, inputs must have this many channels.
     """
 
@@ -198,15 +209,22 @@ class DeconvOutlierCNN(nn.Module):
         width: int = 32,
         kernel_sizes: Sequence[int] = (16, 1, 8),
         freeze_deconv: bool = False,
+        deconv_lr_scale: float = 1.0,
+        outlier: nn.Module | None = None,
         channels: int | None = None,
     ) -> None:
         super().__init__()
-        self.deconv = DeconvCNN(kernel, support, rank, snr, init, channels)
+        self.deconv = DeconvCNN(kernel, support, rank, snr, init, channels, lr_scale=deconv_lr_scale)
         self.deconv.requires_grad_(not freeze_deconv)
-        self.outlier = OutlierRejectionCNN(width, kernel_sizes, residual=True, channels=channels)
+        self.custom_outlier = outlier is not None
+        self.outlier = outlier if outlier is not None else OutlierRejectionCNN(
+            width, kernel_sizes, residual=True, channels=channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.outlier(self.deconv(x))
+        restored = self.deconv(x)
+        if self.custom_outlier:
+            return _per_channel(restored, self.outlier)
+        return self.outlier(restored)
 
 
 # DeconvCNN has two configurations (conf/model/xu_dcnn*.yaml), so each gets a catalogue entry of its own

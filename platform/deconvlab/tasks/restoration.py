@@ -53,6 +53,10 @@ def ssim_per_image(output: torch.Tensor, target: torch.Tensor, data_range: float
     return ssim.flatten(1).mean(dim=1)
 
 
+def _crop(x: torch.Tensor, border: int) -> torch.Tensor:
+    return x[..., border:-border, border:-border] if border else x
+
+
 class RestorationTask(BaseTask):
     """Trains a restoration network; reports PSNR/SSIM of its output and of the degraded input.
 
@@ -64,16 +68,21 @@ class RestorationTask(BaseTask):
     Args:
         loss: "l1", "mse" or "smooth_l1".
         crop_border: pixels ignored at each border by the metrics (boundary effects of the blur).
+        loss_border: pixels ignored at each border of a training crop by the loss. A network with a
+            large support (Xu's 121-pixel inverse kernel) sees mostly padding near a small crop's edges,
+            which whole test images do not have; without this it learns to repair its own padding.
         **kwargs: see :class:`~deconvlab.tasks.base.BaseTask`.
     """
 
     family = "restoration"
     PER_IMAGE = ("psnr", "ssim", "psnr_input")
 
-    def __init__(self, *args, loss: str = "l1", crop_border: int = 0, **kwargs) -> None:
+    def __init__(self, *args, loss: str = "l1", crop_border: int = 0, loss_border: int = 0, **kwargs) -> None:
         if loss not in LOSSES:
             raise ValueError(f"unknown restoration loss {loss!r}; choose one of {sorted(LOSSES)}")
-        self.loss_name, self.crop_border = loss, crop_border
+        if loss_border < 0:
+            raise ValueError(f"loss_border must be >= 0, got {loss_border}")
+        self.loss_name, self.crop_border, self.loss_border = loss, crop_border, loss_border
         kwargs.setdefault("monitor", "val/psnr")
         kwargs.setdefault("monitor_mode", "max")
         super().__init__(*args, **kwargs)
@@ -95,11 +104,15 @@ class RestorationTask(BaseTask):
 
     def step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         output = self(batch["input"])
-        return LOSSES[self.loss_name](output, batch["target"]), output
+        border = self.loss_border if self.training else 0
+        if border and 2 * border >= min(output.shape[-2:]):
+            raise ValueError(f"task.loss_border={border} leaves nothing of {tuple(output.shape[-2:])} crops: "
+                             "raise data.patch_size above twice the border")
+        loss = LOSSES[self.loss_name](_crop(output, border), _crop(batch["target"], border))
+        return loss, output
 
     def _crop(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.crop_border
-        return x[..., b:-b, b:-b] if b else x
+        return _crop(x, self.crop_border)
 
     def update_metrics(self, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
         target = self._crop(batch["target"]).float()
