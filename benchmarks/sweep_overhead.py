@@ -7,7 +7,14 @@ Side by side in one run (absolute seconds are noisy on a shared machine; the rat
 2. one grid of configurations under FIFO and under ASHA: epochs of compute each spends, and whether
    ASHA's best trial reaches FIFO's best metric within a tolerance.
 
+``--long`` makes each trial last >= 30 s on one thread (512 training samples per epoch, 4 epochs: the
+back-to-back time per trial is printed, so the claim is checked, not assumed), where a sweep's fixed costs
+no longer dominate; its ASHA setting is the one a user of a 16-epoch quickstart-like sweep would pick,
+``grace_period 1, reduction_factor 3`` over ``max_t`` = ``--asha-epochs``: rungs at 1, 3 and 9 epochs, a
+third of the trials going on at each.
+
     python benchmarks/sweep_overhead.py [--trials 8] [--epochs 2] [--asha-epochs 6] [--smoke-test]
+    nice python benchmarks/sweep_overhead.py --long     # ~25 min on 2 idle cores
 """
 
 from __future__ import annotations
@@ -21,16 +28,19 @@ from pathlib import Path
 import yaml
 
 TINY = ["data.samples_per_epoch=64", "data.max_eval_size=64", "trainer.enable_progress_bar=false"]
+# --long: ~8 s an epoch on one thread of a 2-core machine, so 4 epochs pass 30 s per trial.
+LONG = ["data.samples_per_epoch=512", "data.max_eval_size=64", "trainer.enable_progress_bar=false"]
 
 
 def lr_grid(n: int) -> list[float]:
     return [round(3e-4 * (15 ** (i / max(n - 1, 1))), 6) for i in range(n)]
 
 
-def write_sweep(folder: Path, name: str, lrs: list[float], epochs: int, scheduler: dict, widths=(32,)) -> str:
+def write_sweep(folder: Path, name: str, lrs: list[float], epochs: int, scheduler: dict, widths=(32,),
+                data: list[str] = TINY) -> str:
     spec = {
         "experiment": "quickstart", "metric": "val/psnr", "mode": "max",
-        "overrides": [f"trainer.max_epochs={epochs}", *TINY],
+        "overrides": [f"trainer.max_epochs={epochs}", *data],
         "search_space": {"optim.lr": f"grid({lrs})", "model.width": f"grid({list(widths)})"},
         "scheduler": scheduler, "num_samples": 1, "max_concurrent_trials": 2, "resources": {"cpu": 1},
     }
@@ -39,7 +49,7 @@ def write_sweep(folder: Path, name: str, lrs: list[float], epochs: int, schedule
     return str(path)
 
 
-def sequential(lrs: list[float], epochs: int) -> float:
+def sequential(lrs: list[float], epochs: int, data: list[str] = TINY) -> float:
     import torch
 
     from deconvlab.config import compose_config
@@ -48,7 +58,7 @@ def sequential(lrs: list[float], epochs: int) -> float:
     torch.set_num_threads(1)  # a sweep trial with cpu: 1 gets one thread too
     start = time.perf_counter()
     for lr in lrs:
-        train(compose_config(["experiment=quickstart", f"trainer.max_epochs={epochs}", *TINY, f"optim.lr={lr}",
+        train(compose_config(["experiment=quickstart", f"trainer.max_epochs={epochs}", *data, f"optim.lr={lr}",
                               "logger=none"]))
     return time.perf_counter() - start
 
@@ -67,10 +77,17 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--asha-epochs", type=int, default=6)
     parser.add_argument("--tolerance", type=float, default=0.05, help="dB of PSNR")
+    parser.add_argument("--grace", type=int, default=1, help="ASHA grace_period")
+    parser.add_argument("--reduction", type=int, default=2, help="ASHA reduction_factor")
+    parser.add_argument("--configs", type=int, default=8, help="configurations in the ASHA vs FIFO grid")
+    parser.add_argument("--long", action="store_true", help="trials of >= 30 s (see the module docstring)")
     parser.add_argument("--smoke-test", action="store_true")
     args = parser.parse_args()
     if args.smoke_test:
         args.trials, args.epochs, args.asha_epochs = 2, 1, 2
+    if args.long:
+        args.trials, args.epochs, args.asha_epochs, args.reduction, args.configs = 4, 4, 9, 3, 9
+    data = LONG if args.long else TINY
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
@@ -79,12 +96,14 @@ def main() -> None:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
         os.environ["DECONVLAB_ARTIFACT_ROOT"] = str(folder / "mlartifacts")
         lrs = lr_grid(args.trials)
-        t_seq = sequential(lrs, args.epochs)
+        t_seq = sequential(lrs, args.epochs, data)
         # A sweep pays a fixed start (Ray, the tracking store, worker imports) and then a cost per trial.
         # Sweeping n/2 and n trials separates the two: the difference is the marginal cost of n/2 trials.
         half = lrs[: args.trials // 2]
-        t_half, _ = timed_sweep(write_sweep(folder, "half", half, args.epochs, {"type": "fifo"}), folder / "r0")
-        t_sweep, _ = timed_sweep(write_sweep(folder, "full", lrs, args.epochs, {"type": "fifo"}), folder / "r1")
+        t_half, _ = timed_sweep(write_sweep(folder, "half", half, args.epochs, {"type": "fifo"}, data=data),
+                                folder / "r0")
+        t_sweep, _ = timed_sweep(write_sweep(folder, "full", lrs, args.epochs, {"type": "fifo"}, data=data),
+                                 folder / "r1")
         concurrency = 2
         marginal = (t_sweep - t_half) / (args.trials - len(half))  # wall seconds per extra trial
         per_trial_seq = t_seq / args.trials
@@ -97,17 +116,20 @@ def main() -> None:
         print(f"fixed sweep start-up {fixed:.1f} s; per-trial overhead {overhead:.2f} s (goal <= 2 s); parallel "
               f"efficiency {efficiency:.0%} (goal >= 80 %); whole-sweep speed-up {t_seq / t_sweep:.2f}x")
 
-        grid = lr_grid(4)
+        # The grid: learning rates x two widths (an odd count of configs takes one width).
+        grid, widths = (lr_grid(args.configs // 2), (16, 32)) if args.configs % 2 == 0 else (lr_grid(args.configs),
+                                                                                             (16,))
+        asha = {"type": "asha", "grace_period": args.grace, "reduction_factor": args.reduction}
         results = {}
-        for kind, scheduler in (("fifo", {"type": "fifo"}),
-                                ("asha", {"type": "asha", "grace_period": 1, "reduction_factor": 2})):
-            _, outcome = timed_sweep(write_sweep(folder, kind, grid, args.asha_epochs, scheduler, (16, 32)),
+        for kind, scheduler in (("fifo", {"type": "fifo"}), ("asha", asha)):
+            _, outcome = timed_sweep(write_sweep(folder, kind, grid, args.asha_epochs, scheduler, widths, TINY),
                                      folder / f"r-{kind}")
             table = outcome.leaderboard
             results[kind] = (int(table["epochs"].sum()), float(table["best val/psnr"].max()))
         (fifo_epochs, fifo_best), (asha_epochs, asha_best) = results["fifo"], results["asha"]
         reached = asha_best >= fifo_best - args.tolerance
-        print(f"ASHA vs FIFO over {len(grid) * 2} configs x {args.asha_epochs} epochs: FIFO {fifo_epochs} epochs "
+        print(f"ASHA (grace {args.grace}, reduction {args.reduction}) vs FIFO over {len(grid) * len(widths)} configs "
+              f"x {args.asha_epochs} epochs: FIFO {fifo_epochs} epochs "
               f"(best {fifo_best:.3f} dB), ASHA {asha_epochs} epochs (best {asha_best:.3f} dB): "
               f"ASHA used {asha_epochs / fifo_epochs:.0%} of FIFO's compute (goal <= 40 %), "
               f"{'reached' if reached else 'missed'} FIFO's best within {args.tolerance} dB")

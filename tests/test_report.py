@@ -135,6 +135,26 @@ def tracked_sweep(tmp_path_factory):
         yield client, parent, table
 
 
+def test_trial_costs_build_each_distinct_model_once(tracked_sweep, monkeypatch):
+    """Trials that differ only in optimiser settings share one measurement (a sweep's end builds each model
+    once, not once per trial); a different model is measured on its own."""
+    client, parent, _ = tracked_sweep
+    experiment_id = client.get_run(parent).info.experiment_id
+    runs = []
+    for width, lr in ((4, 1e-3), (4, 3e-3), (6, 1e-3)):
+        run = client.create_run(experiment_id).info.run_id
+        tracking.log_config(client, run, compose_config(["experiment=quickstart", f"model.width={width}",
+                                                         "model.depth=3", f"optim.lr={lr}"]))
+        runs.append(run)
+    built = []
+    real_build = cost.build_task
+    monkeypatch.setattr(cost, "build_task", lambda cfg: built.append(cfg.model.width) or real_build(cfg))
+    costs = cost.trial_costs(client, runs, log=False)
+    assert sorted(built) == [4, 6]
+    assert costs[runs[0]] == costs[runs[1]] and costs[runs[0]].params == _hand_params(4, 3)
+    assert costs[runs[2]].params == _hand_params(6, 3)
+
+
 def test_sweep_views_log_costs_plots_and_best_samples(tracked_sweep):
     client, parent, table = tracked_sweep
     assert table["trial"].tolist() == ["t_00001", "t_00002", "t_00000"]  # ranked by best val/psnr

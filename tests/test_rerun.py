@@ -71,6 +71,7 @@ def test_a_rerun_of_a_sweep_trial_is_a_normal_run_with_the_trials_result(trackin
         callback.on_trial_result(0, [], trial, dict(metrics))
         callback.on_checkpoint(0, [], trial, checkpoint)
     callback.on_trial_complete(0, [], trial)
+    callback.on_experiment_end([])  # Tune's last call: the driver's queued writes are in the store
 
     child = client.get_run(callback.run_ids["t_00000"])
     logged = client.download_artifacts(child.info.run_id, "config.yaml", str(tmp_path / "logged"))

@@ -13,9 +13,12 @@ import contextlib
 import os
 import re
 import subprocess
+import threading
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+import weakref
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,9 +34,10 @@ if TYPE_CHECKING:  # MLflow is imported where it is used: it costs 1-2 s, which 
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACT_ROOT = "mlartifacts"
-# MLflow's limits on one param value and on params per batch call.
+# MLflow's limits on one param value, on params (and tags) per batch call, and on everything in one call.
 MAX_PARAM_LENGTH = 6000
 PARAMS_PER_BATCH = 100
+ENTITIES_PER_BATCH = 1000
 # Characters allowed in a folder named after an experiment; anything else (/, .., spaces) becomes "_".
 UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -114,14 +118,21 @@ def git_commit(cwd: str | Path | None = None) -> str | None:
     return None
 
 
-def log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) -> None:
-    """Log many params, in batches MLflow accepts; URL passwords and credentials are redacted."""
-    from mlflow.entities import Param
+def log_params(client: MlflowClient | TrackingQueue, run_id: str, params: Mapping[str, str],
+               tags: Mapping[str, str] | None = None) -> None:
+    """Log many params (and ``tags``), in as few batches as MLflow accepts; URL passwords and credentials
+    are redacted. The tags ride in the first batch: one round trip for a config of up to 100 keys.
+    ``client`` may be a :class:`TrackingQueue`: the batches are then queued."""
+    from mlflow.entities import Param, RunTag
 
     hidden = secrets()
     items = [Param(k, redact(str(v), hidden)) for k, v in params.items()]
-    for start in range(0, len(items), PARAMS_PER_BATCH):
-        client.log_batch(run_id, params=items[start:start + PARAMS_PER_BATCH])
+    extra = [RunTag(k, redact(str(v), hidden)) for k, v in (tags or {}).items()]
+    for start in range(0, max(len(items), 1), PARAMS_PER_BATCH):
+        batch = items[start:start + PARAMS_PER_BATCH]
+        if batch or extra:
+            client.log_batch(run_id, params=batch, tags=extra)
+        extra = []
 
 
 def log_config(client: MlflowClient, run_id: str, cfg: DictConfig) -> None:
@@ -203,3 +214,164 @@ def tracked_run(experiment: str, run_name: str, tracking_uri: str, tags: Mapping
         client.set_terminated(run_id, status_for(exc))
         raise
     client.set_terminated(run_id, "FINISHED")
+
+
+class TrackingQueue:
+    """Writes runs' metrics, params and tags, and ends runs, on a background thread, merging what waits.
+
+    The sweep driver runs Ray Tune's loop: a round trip to the store per result there caps how many results
+    a second a sweep can take (~30 ms per ``log_batch`` on SQLite, more through a server). Here the driver
+    only queues; the writer takes everything that waited and sends it as one ``log_batch`` per run (within
+    MLflow's limits per call), so the more results arrive at once, the fewer round trips each costs. Per run,
+    the order is kept: a run is ended (:meth:`terminate`) only after everything queued before it is written.
+
+    A write that fails is kept and raised by the next :meth:`flush` (nothing is dropped silently); the
+    writer then goes on with the other runs.
+
+    Args:
+        client: the store's client (MLflow's clients may be shared between threads).
+    """
+
+    def __init__(self, client: MlflowClient) -> None:
+        self.client = client
+        self.busy_s = 0.0  # time the writer spent writing: the driver's tracking work, off its loop
+        self.calls = 0  # round trips to the store
+        # run id -> [("batch", metrics, params, tags) | ("call", write, args) | ("end", status, ms)]
+        self._pending: dict[str, list] = {}
+        self._errors: list[BaseException] = []
+        self._cond = threading.Condition()
+        self._writing = False
+        self._thread = threading.Thread(target=self._write_loop, name="deconvlab-tracking", daemon=True)
+        self._thread.start()
+        _QUEUES.add(self)
+
+    def log_batch(self, run_id: str, metrics=(), params=(), tags=()) -> None:
+        """Queue metrics, params and tags (MLflow entities) for ``run_id``."""
+        self._put(run_id, ("batch", list(metrics), list(params), list(tags)))
+
+    def call(self, run_id: str, write: Callable[..., Any], *args: Any) -> None:
+        """Queue ``write(*args)`` (an artifact upload, say) for ``run_id``: before the run's next end, and not
+        ordered with its batches (which it does not break up). Its arguments must stay valid until it runs
+        (a text, a file that stays)."""
+        self._put(run_id, ("call", write, args))
+
+    def terminate(self, run_id: str, status: str = "FINISHED") -> None:
+        """End ``run_id`` with ``status`` once what was queued for it before is written."""
+        self._put(run_id, ("end", status, int(time.time() * 1000)))
+
+    def _put(self, run_id: str, item: tuple) -> None:
+        with self._cond:
+            self._pending.setdefault(run_id, []).append(item)
+            self._cond.notify_all()
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Wait until everything queued so far is written.
+
+        Raises:
+            MlflowException (or any error a write raised): the first write that failed since the last flush.
+            TimeoutError: the store did not take the queue within ``timeout_s``.
+        """
+        with self._cond:
+            if not self._cond.wait_for(lambda: not self._pending and not self._writing, timeout_s):
+                raise TimeoutError(f"the tracking store did not take {len(self._pending)} runs' data "
+                                   f"in {timeout_s} s")
+            errors, self._errors = self._errors, []
+        if errors:
+            raise errors[0]
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending)
+                work, self._pending, self._writing = self._pending, {}, True
+            start = time.perf_counter()
+            for run_id, items in work.items():
+                self._write_run(run_id, items)
+            with self._cond:
+                self.busy_s += time.perf_counter() - start
+                self._writing = False
+                self._cond.notify_all()
+
+    def _write_run(self, run_id: str, items: list) -> None:
+        try:
+            for kind, *content in _merged(items):
+                self.calls += 1
+                if kind == "batch":
+                    self.client.log_batch(run_id, metrics=content[0], params=content[1], tags=content[2])
+                elif kind == "call":
+                    content[0](*content[1])
+                else:
+                    self.client.set_terminated(run_id, content[0], end_time=content[1])
+        except Exception as exc:  # noqa: BLE001 - kept for flush() to raise in the driver
+            with self._cond:
+                self._errors.append(exc)
+
+
+# Every queue not yet collected: what a sweep driver flushes before it reads its runs back.
+_QUEUES: weakref.WeakSet[TrackingQueue] = weakref.WeakSet()
+
+
+def queues() -> list[TrackingQueue]:
+    """This process's tracking queues (a benchmark reads their ``busy_s`` and ``calls``)."""
+    return list(_QUEUES)
+
+
+def flush_queues(timeout_s: float | None = None) -> None:
+    """Flush every :class:`TrackingQueue` of this process (see :meth:`TrackingQueue.flush`)."""
+    for queue in list(_QUEUES):
+        queue.flush(timeout_s)
+
+
+def _merged(items: list) -> Iterator[tuple]:
+    """A run's queued items as few round trips as MLflow takes: the batches between two ends of the run merged
+    up to its limits per call (a param queued twice keeps its first value, a tag its last), the queued calls
+    before them, each end after what was queued before it."""
+    batch, calls = _Batch(), []
+    for item in items:
+        if item[0] == "call":
+            calls.append(item)
+            continue
+        if item[0] == "end":
+            yield from calls
+            if batch.size:
+                yield batch.call()
+            batch, calls = _Batch(), []
+            yield item
+            continue
+        _, metrics, params, tags = item
+        for kind, entity in [*(("metrics", m) for m in metrics), *(("params", p) for p in params),
+                             *(("tags", t) for t in tags)]:
+            if batch.full(kind):
+                yield batch.call()
+                batch = _Batch()
+            batch.add(kind, entity)
+    yield from calls
+    if batch.size:
+        yield batch.call()
+
+
+class _Batch:
+    """One ``log_batch`` call being filled."""
+
+    def __init__(self) -> None:
+        self.metrics: list = []
+        self.params: dict[str, Any] = {}
+        self.tags: dict[str, Any] = {}
+
+    @property
+    def size(self) -> int:
+        return len(self.metrics) + len(self.params) + len(self.tags)
+
+    def full(self, kind: str) -> bool:
+        return self.size >= ENTITIES_PER_BATCH or (kind != "metrics" and len(getattr(self, kind)) >= PARAMS_PER_BATCH)
+
+    def add(self, kind: str, entity: Any) -> None:
+        if kind == "metrics":
+            self.metrics.append(entity)
+        elif kind == "params":
+            self.params.setdefault(entity.key, entity)
+        else:
+            self.tags[entity.key] = entity
+
+    def call(self) -> tuple:
+        return "batch", self.metrics, list(self.params.values()), list(self.tags.values())

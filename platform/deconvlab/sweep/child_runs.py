@@ -9,6 +9,14 @@ never reported a checkpoint gets a recomposed one, tagged as such). Trials stopp
 (ASHA) end FINISHED with a ``deconvlab.stop_reason`` tag. The callback is pickled into Ray's experiment
 state; after a restore it finds its child runs again by tag, so a resumed sweep never duplicates them. The
 tags it writes and :func:`child_runs`, the query that finds the runs again, are what the leaderboard reads.
+
+Tune runs its callbacks in its own loop, so a round trip to the store there is time no result is taken in:
+metrics, params, tags, the config and checkpoint files and the end of each run go through a
+:class:`~deconvlab.tracking.TrackingQueue` (a writer thread that merges what waited into one ``log_batch`` per
+run, in each run's order); only creating a run (its id is needed) and an epoch's sample images (Ray may delete
+that checkpoint folder once the callback returns) are written in the loop. The
+queue is flushed when the experiment ends (and by the runner, :func:`deconvlab.tracking.flush_queues`,
+before it reads the runs back).
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from ray.tune import Callback, Checkpoint
@@ -67,6 +75,7 @@ class MLflowSweepCallback(Callback):
         self.sweep, self.overrides, self.max_epochs = sweep, list(overrides), max_epochs
         self.metric, self.mode = sweep["metric"], sweep["mode"]
         self._client: MlflowClient | None = None
+        self._queue: tracking.TrackingQueue | None = None
         self.run_ids: dict[str, str] = {}
         self.best: dict[str, tuple[float, str | None]] = {}
         self.last_epoch: dict[str, int] = {}
@@ -74,16 +83,39 @@ class MLflowSweepCallback(Callback):
         self.nodes: dict[str, list[str]] = {}
         self.stopped_by_scheduler: set[str] = set()
         self.configured: set[str] = set()  # trials whose child run has its config.yaml
+        # Only a callback Ray restored (--resume) can meet a trial whose child run exists already: a fresh one
+        # skips looking for it (a search per trial, the slowest call against a busy store).
+        self.restored = False
+        self._commit: tuple[str | None] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Ray pickles callbacks into its experiment state; a client with open connections does not pickle.
-        return {**self.__dict__, "_client": None}
+        return {**self.__dict__, "_client": None, "_queue": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.restored = True
 
     @property
     def client(self) -> MlflowClient:
         if self._client is None:
             self._client = MlflowClient(self.tracking_uri)
         return self._client
+
+    @property
+    def queue(self) -> tracking.TrackingQueue:
+        """Where metrics, params, tags and run ends are queued (written by a thread, merged per run)."""
+        if self._queue is None:
+            self._queue = tracking.TrackingQueue(self.client)
+        return self._queue
+
+    def flush(self) -> None:
+        """Wait until everything queued is in the store; raise the first write that failed."""
+        if self._queue is not None:
+            self._queue.flush()
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        self.flush()
 
     def _is_better(self, value: float, than: float | None) -> bool:
         return than is None or (value > than if self.mode == "max" else value < than)
@@ -92,7 +124,8 @@ class MLflowSweepCallback(Callback):
         if trial.trial_id not in self.run_ids:
             existing = self.client.search_runs(
                 [self.experiment_id],
-                f"tags.mlflow.parentRunId = '{self.parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial.trial_id}'")
+                f"tags.mlflow.parentRunId = '{self.parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial.trial_id}'") \
+                if self.restored else []
             if existing:  # a resumed sweep continues the trial's child run
                 self.run_ids[trial.trial_id] = existing[0].info.run_id
                 self._recall(trial.trial_id, existing[0].info.run_id)
@@ -108,12 +141,16 @@ class MLflowSweepCallback(Callback):
                 self.best[trial_id] = (point.value, None)
         self.last_epoch[trial_id] = max((p.step for p in history), default=0)
 
+    def child_tags(self, trial) -> dict[str, str]:
+        """The tags a trial's child run is created with (one round trip with the run itself)."""
+        return {"mlflow.parentRunId": self.parent_run_id, TRIAL_TAG: trial.trial_id,
+                "deconvlab.sweep": self.sweep["name"]}
+
     def _create_child(self, trial) -> str:
         run = self.client.create_run(self.experiment_id, run_name=f"{self.sweep['name']}-{trial.trial_id}",
-                                     tags={"mlflow.parentRunId": self.parent_run_id, TRIAL_TAG: trial.trial_id,
-                                           "deconvlab.sweep": self.sweep["name"]})
+                                     tags=self.child_tags(trial))
         run_id = run.info.run_id
-        tracking.log_params(self.client, run_id, {f"sampled.{k}": str(v) for k, v in trial.config.items()})
+        tracking.log_params(self.queue, run_id, {f"sampled.{k}": str(v) for k, v in trial.config.items()})
         return run_id
 
     def _log_config(self, trial, text: str | None, source: str) -> None:
@@ -126,14 +163,19 @@ class MLflowSweepCallback(Callback):
             return
         run_id = self._run_for(trial)
         # A restored driver may not remember that it logged the config (its state is a snapshot).
-        if not any(a.path == CONFIG_FILE for a in self.client.list_artifacts(run_id)):
-            self.client.log_text(run_id, text, CONFIG_FILE)
-            tracking.log_params(self.client, run_id, tracking.flatten(OmegaConf.create(text)))
-            self.client.set_tag(run_id, CONFIG_SOURCE_TAG, source)
-            commit = tracking.git_commit()
-            if commit:
-                self.client.set_tag(run_id, "mlflow.source.git.commit", commit)
+        if not (self.restored and any(a.path == CONFIG_FILE for a in self.client.list_artifacts(run_id))):
+            self.queue.call(run_id, self.client.log_text, run_id, text, CONFIG_FILE)
+            tags = {CONFIG_SOURCE_TAG: source}
+            if self.git_commit():
+                tags["mlflow.source.git.commit"] = self.git_commit()
+            tracking.log_params(self.queue, run_id, tracking.flatten(OmegaConf.create(text)), tags)
         self.configured.add(trial.trial_id)
+
+    def git_commit(self) -> str | None:
+        """The driver's checkout commit, asked of git once per sweep (not once per trial)."""
+        if self._commit is None:
+            self._commit = (tracking.git_commit(),)
+        return self._commit[0]
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         self._run_for(trial)
@@ -146,13 +188,14 @@ class MLflowSweepCallback(Callback):
         if self.sweep.get("scheduler", {}).get("type") == "pbt":
             # PBT mutates a trial's hyperparameters as it goes: log them per epoch so the UI shows the schedule.
             metrics.update({f"hp/{k}": v for k, v in _numeric(trial.config).items()})
-        self.client.log_batch(run_id, metrics=[Metric(k, v, now, epoch) for k, v in metrics.items()])
+        # Queued: the metrics, and the node tag when the trial reached a new node.
+        self.queue.log_batch(run_id, metrics=[Metric(k, v, now, epoch) for k, v in metrics.items()],
+                              tags=self._node_tags(trial.trial_id, result.get(NODE_KEY)))
         self.last_epoch[trial.trial_id] = epoch
         if result.get("done") and epoch < self.max_epochs:
             # Tune marks the result a scheduler (or stopper) stops a trial at as done; a trial that ends
             # by itself sends no done result to callbacks.
             self.stopped_by_scheduler.add(trial.trial_id)
-        self._record_node(trial.trial_id, run_id, result.get(NODE_KEY))
         if result.get("checkpoint_path"):  # a multi-worker trial's checkpoint, already in Ray's storage
             self._log_config(trial, _config_in(Checkpoint(result["checkpoint_path"])), "trial")
         value = result.get(self.metric)
@@ -163,12 +206,13 @@ class MLflowSweepCallback(Callback):
             # Multi-worker trials report their checkpoint's path in the result; others via on_checkpoint.
             self.best[trial.trial_id] = (float(value), result.get("checkpoint_path"))
 
-    def _record_node(self, trial_id: str, run_id: str, node: str | None) -> None:
-        """Tag the child run with every Ray node the trial ran on (more than one after a recovery)."""
+    def _node_tags(self, trial_id: str, node: str | None) -> list[RunTag]:
+        """The child run's tag of every Ray node the trial ran on (more than one after a recovery), when
+        ``node`` is new to it; else nothing."""
         if not node or node in self.nodes.setdefault(trial_id, []):
-            return
+            return []
         self.nodes[trial_id].append(node)
-        self.client.set_tag(run_id, NODES_TAG, ",".join(self.nodes[trial_id]))
+        return [RunTag(NODES_TAG, ",".join(self.nodes[trial_id]))]
 
     def on_checkpoint(self, iteration: int, trials: list, trial, checkpoint, **info) -> None:
         """Log the trial's config (first checkpoint) and the epoch's sample images; remember the best folder."""
@@ -179,7 +223,7 @@ class MLflowSweepCallback(Callback):
         if self.latest_is_best.get(trial.trial_id):
             self.best[trial.trial_id] = (self.best[trial.trial_id][0], str(folder))
 
-    def _finish(self, trial, status: str, reason: str) -> None:
+    def _finish(self, trial, status: str, reason: str, tags: dict[str, str] | None = None) -> None:
         run_id = self._run_for(trial)
         if trial.trial_id not in self.configured:
             # A trial that failed (or was stopped) before its first checkpoint wrote no config: the driver
@@ -192,13 +236,17 @@ class MLflowSweepCallback(Callback):
                 self.client.set_tag(run_id, CONFIG_SOURCE_TAG, f"none: {exc.one_line()}"[:500])
         best = self.best.get(trial.trial_id)
         if best is not None:
-            self.client.log_metric(run_id, f"best/{self.metric}", best[0])
             folder = best[1] or (trial.checkpoint.path if trial.checkpoint else None)
             if folder and (Path(folder) / CHECKPOINT_FILE).is_file():
-                self.client.log_artifact(run_id, str(Path(folder) / CHECKPOINT_FILE), "checkpoints")
-        self.client.set_tag(run_id, EPOCHS_TAG, str(self.last_epoch.get(trial.trial_id, 0)))
-        self.client.set_tag(run_id, STOP_REASON_TAG, reason)
-        self.client.set_terminated(run_id, status)
+                # Queued too: a finished trial's kept checkpoints stay in Ray's storage (Tune deletes one only
+                # when the same trial saves a better one).
+                self.queue.call(run_id, self.client.log_artifact, run_id, str(Path(folder) / CHECKPOINT_FILE),
+                                "checkpoints")
+        # Queued: the best value and the closing tags, then the status, once all the run's results are in.
+        tags = {**(tags or {}), EPOCHS_TAG: str(self.last_epoch.get(trial.trial_id, 0)), STOP_REASON_TAG: reason}
+        metrics = [] if best is None else [Metric(f"best/{self.metric}", best[0], int(time.time() * 1000), 0)]
+        self.queue.log_batch(run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()])
+        self.queue.terminate(run_id, status)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         epochs = self.last_epoch.get(trial.trial_id, 0)
@@ -211,14 +259,13 @@ class MLflowSweepCallback(Callback):
         self._finish(trial, "FINISHED", reason)
 
     def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
-        self.client.set_tag(self._run_for(trial), "deconvlab.recovered",
-                            f"restarted from a checkpoint at {time.ctime()}")
+        self.queue.log_batch(self._run_for(trial),
+                             tags=[RunTag("deconvlab.recovered", f"restarted from a checkpoint at {time.ctime()}")])
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         error = _trial_error(trial)
-        self.client.set_tag(self._run_for(trial), "error", error[:5000])
         last = error.strip().splitlines()[-1][:200] if error.strip() else "error"
-        self._finish(trial, "FAILED", f"failed: {last}")
+        self._finish(trial, "FAILED", f"failed: {last}", {"error": error[:5000]})
 
 
 def _config_in(checkpoint: Checkpoint) -> str | None:

@@ -105,12 +105,17 @@ class RepeatsSweepCallback(MLflowSweepCallback):
         super().__init__(*args, **kwargs)
         self.base_seed = base_seed
 
-    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
-        super().on_trial_start(iteration, trials, trial, **info)
-        run_id = self._run_for(trial)
-        self.client.set_tag(run_id, CONFIG_TAG, config_id(trial.config))
+    def child_tags(self, trial) -> dict[str, str]:
+        """The base tags plus the trial's configuration id and, in a repeated sweep, its seed and repeat."""
+        tags = {**super().child_tags(trial), CONFIG_TAG: config_id(trial.config)}
         seed = trial.config.get(SEED_KEY)
         if seed is not None and int(self.sweep.get("repeats", 1)) > 1:
-            self.client.set_tag(run_id, SEED_TAG, str(seed))
-            self.client.set_tag(run_id, REPEAT_TAG, str(int(seed) - self.base_seed))
-            self.client.update_run(run_id, name=f"{self.sweep['name']}-{trial.trial_id}-seed{seed}")
+            tags.update({SEED_TAG: str(seed), REPEAT_TAG: str(int(seed) - self.base_seed)})
+        return tags
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        # The tags ride with the run's creation (child_tags); a resumed run found by search already has them.
+        super().on_trial_start(iteration, trials, trial, **info)
+        seed = trial.config.get(SEED_KEY)
+        if seed is not None and int(self.sweep.get("repeats", 1)) > 1:
+            self.client.update_run(self._run_for(trial), name=f"{self.sweep['name']}-{trial.trial_id}-seed{seed}")

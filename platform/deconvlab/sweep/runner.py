@@ -7,7 +7,7 @@ import io
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,7 +167,9 @@ def latest_experiment(storage: str, spec: SweepSpec) -> str:
                     "run it without --resume, or pass the --storage it ran with")
 
 
-def _log_parent(client, run_id: str, spec: SweepSpec, overrides: Sequence[str], path: str) -> None:
+def log_parent(client, run_id: str, spec: SweepSpec, overrides: Sequence[str], path: str) -> None:
+    """The sweep's settings as the parent run's params (what the leaderboard and report read back), the Ray
+    experiment's path as a tag (how --resume finds the parent again) and the sweep file as an artifact."""
     params = {"sweep.name": spec.name, "sweep.experiment": spec.experiment, "sweep.metric": spec.metric,
               "sweep.mode": spec.mode, "sweep.num_samples": str(spec.num_samples),
               "sweep.repeats": str(spec.repeats),
@@ -205,6 +207,26 @@ def _record_best(client: MlflowClient, run_id: str, table: pd.DataFrame, metric:
             client.set_tag(run_id, "deconvlab.best_config", best["config"])
             for key, value in config_stats(best, metric).items():
                 client.log_metric(run_id, key, value)
+
+
+def finish_sweep(client: MlflowClient, experiment_id: str, parent_id: str, metric: str,
+                 uri: str) -> tuple[pd.DataFrame, str | None, SweepLinks]:
+    """What the driver records once the trials are done, before the parent run ends: the leaderboard and its
+    views, the best trial, the UI view.
+
+    Returns:
+        The leaderboard, the best trial's before/after image (or None) and the UI links.
+    """
+    # The child runs' queued writes first (the callback flushes them when Tune ends the experiment; a restored
+    # sweep's callback is Ray's unpickled copy, not one this process holds).
+    tracking.flush_queues()
+    # Trials Ray gave up on (e.g. a lost node past max_failures) must not stay RUNNING.
+    close_open_children(client, experiment_id, parent_id, "FAILED")
+    # Trial costs, the leaderboard (CSV/HTML/PNG), curves and other plots, best samples, report.html.
+    table = log_sweep_views(client, parent_id)
+    _record_best(client, parent_id, table, metric)
+    sample = best_sample_image(client, parent_id)
+    return table, sample, publish_sweep_view(client, parent_id, ui_url_for(uri))
 
 
 def _reporting(spec: SweepSpec, max_epochs: int, quiet: bool, verbose: bool) -> tuple[int, list]:
@@ -250,7 +272,8 @@ def _build_tuner(spec, trainable, storage, run_name, callbacks, scheduler, searc
 
 def run_sweep(name_or_path: str, overrides: Sequence[str] = (), address: str | None = None,
               smoke_test: bool = False, storage_path: str | None = None, quiet: bool = False,
-              resume: bool = False, verbose: bool = False) -> SweepOutcome:
+              resume: bool = False, verbose: bool = False,
+              trial_function: Callable[..., None] = run_trial) -> SweepOutcome:
     """Run a sweep end to end: validate, start Ray, run the trials, log parent/child runs and the leaderboard.
 
     Args:
@@ -262,6 +285,9 @@ def run_sweep(name_or_path: str, overrides: Sequence[str] = (), address: str | N
         quiet: no progress output or leaderboard on the terminal.
         resume: continue the newest interrupted run of this sweep (same storage and tracking store).
         verbose: Ray Tune's own progress reporter and the workers' output instead of one line per trial.
+        trial_function: the Tune function trainable, called as :func:`~.trial.run_trial` is; a benchmark
+            passes a stand-in for training to load the driver, the tracking store and Ray's storage
+            (benchmarks/sweep_scale.py).
 
     Raises:
         UserError: anything wrong with the sweep file, the cluster or the tracking store, before any trial.
@@ -295,12 +321,12 @@ def run_sweep(name_or_path: str, overrides: Sequence[str] = (), address: str | N
                               run_id=parent_id) as (client, parent_id):
         experiment_id = client.get_run(parent_id).info.experiment_id
         if not restore_path:
-            _log_parent(client, parent_id, spec, overrides, path)
+            log_parent(client, parent_id, spec, overrides, path)
         sweep_dict = spec.to_dict()
         callback = RepeatsSweepCallback(uri, experiment_id, parent_id, sweep_dict, overrides,
                                         int(base.trainer.max_epochs), base_seed=int(base.seed))
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, sweep=sweep_dict, extra_overrides=overrides, storage_path=storage,
+            tune.with_parameters(trial_function, sweep=sweep_dict, extra_overrides=overrides, storage_path=storage,
                                  verbose=verbose),
             _trial_resources(spec))
         try:
@@ -314,15 +340,11 @@ def run_sweep(name_or_path: str, overrides: Sequence[str] = (), address: str | N
             with contextlib.redirect_stdout(io.StringIO()) if not verbose else contextlib.nullcontext():
                 results = tuner.fit()
         except BaseException as exc:
+            with contextlib.suppress(Exception):  # what the trials' runs got before the sweep broke off
+                tracking.flush_queues(timeout_s=60)
             close_open_children(client, experiment_id, parent_id, tracking.status_for(exc))
             raise
-        # Trials Ray gave up on (e.g. a lost node past max_failures) must not stay RUNNING.
-        close_open_children(client, experiment_id, parent_id, "FAILED")
-        # Trial costs, the leaderboard (CSV/HTML/PNG), curves and other plots, best samples, report.html.
-        table = log_sweep_views(client, parent_id)
-        _record_best(client, parent_id, table, spec.metric)
-        sample = best_sample_image(client, parent_id)
-        links = publish_sweep_view(client, parent_id, ui_url_for(uri))
+        table, sample, links = finish_sweep(client, experiment_id, parent_id, spec.metric, uri)
     if not quiet:
         print_leaderboard(table, spec.name, spec.metric, spec.mode)
         served = uri.startswith(("http://", "https://"))  # a server has its UI; a local store needs one started
