@@ -5,7 +5,12 @@
    voxel through ``forward``, patches cut the cheapest way) on sampled voxels, their ratio, and the
    largest probability difference between the two on those voxels (they must agree).
 2. ``--scan``: the time and peak memory to label a 500x500x250 volume (62.5M voxels, every voxel inside
-   the "brain", so no tile is skipped: the worst case) with one net's dense inference.
+   the "brain", so no tile is skipped: the worst case) with one net's dense inference; ``--scan-block D H W``
+   labels a block of it instead and extrapolates the time to the whole volume by the number of tiles
+   (every tile costs the same, edge tiles included; memory is measured on the block, not extrapolated).
+4. ``--cost``: per net, the multiply-accumulates per labelled voxel of one training input (a patch labels
+   its centre voxel, a segment its block) and of dense inference (a 48^3 tile), and the measured time
+   of a training step (forward + backward, batch ``--cost-batch``) per labelled voxel.
 3. ``--dice``: a short training of each net on the BraTS train cases (``train(cfg)``, untracked), then
    dense inference on the validation cases: Dice / sensitivity / HD95 per region before and after the
    shape-aware clean-up, for each net and their ensemble. A per-case table goes to ``--out``.
@@ -62,15 +67,63 @@ def throughput(model: nn.Module, image: np.ndarray, samples: int, tile: int) -> 
             "max_prob_diff": difference}
 
 
-def scan(model: nn.Module, tile: int, seed: int = 0) -> dict[str, float]:
-    """Label a synthetic 500x500x250 two-modality volume; wall time and the process's peak RSS."""
-    image = np.random.default_rng(seed).standard_normal((2, *SCAN_SHAPE), dtype=np.float32)
+def _tiles(shape: tuple[int, ...], tile: int, dims: int) -> int:
+    """Tiles dense inference runs over ``shape`` (see volume.dense: 2-D nets run 2*tile x 2*tile x 8)."""
+    sizes = [tile] * 3 if dims == 3 else [2 * tile, 2 * tile, 8]
+    return int(np.prod([-(-n // min(t, n)) for n, t in zip(shape, sizes, strict=True)]))
+
+
+def scan(model: nn.Module, tile: int, seed: int = 0, block: tuple[int, ...] | None = None) -> dict[str, float]:
+    """Label a synthetic 500x500x250 two-modality volume (or a ``block`` of it, the time extrapolated to the
+    whole volume by its number of tiles); wall time and the process's peak RSS."""
+    shape = tuple(block) if block else SCAN_SHAPE
+    image = np.random.default_rng(seed).standard_normal((2, *shape), dtype=np.float32)
     start = time.perf_counter()
     labels = dense_probabilities(model, image, tile=tile).argmax(0).astype(np.uint8)
     seconds = time.perf_counter() - start
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
-    return {"voxels": float(labels.size), "seconds": seconds, "minutes": seconds / 60,
-            "vox_s": labels.size / seconds, "peak_rss_gib": peak_gib}
+    whole = seconds * _tiles(SCAN_SHAPE, tile, model.dims) / _tiles(shape, tile, model.dims)
+    return {"voxels": float(labels.size), "seconds": seconds, "minutes": whole / 60,
+            "extrapolated": shape != SCAN_SHAPE, "vox_s": labels.size / seconds, "peak_rss_gib": peak_gib}
+
+
+class Dense(nn.Module):
+    """A net's ``dense_logits`` as its forward (what ``count_macs`` runs)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.dense_logits(x)
+
+
+def training_cost(model: nn.Module, modalities: int, batch: int) -> dict[str, float]:
+    """MACs per labelled voxel of a training input and of dense inference; a training step's seconds per
+    labelled voxel (forward + backward on random data: speed is content-blind)."""
+    from deconvlab.data.patches import geometry_of
+    from deconvlab.macs import count_macs
+
+    geometry = geometry_of(model, modalities)
+    if geometry.patch_dims == 2:
+        shape = (geometry.channels(modalities), geometry.side, geometry.side)
+    else:
+        shape = (geometry.channels(modalities), *(geometry.side,) * 3)
+    example = torch.randn(batch, *shape)
+    labelled = batch * geometry.label_size ** 3
+    train_macs = count_macs(model.eval(), example[:1]) * batch / labelled
+    side = 48 + 2 * model.margin
+    tile = torch.randn(1, model.in_channels, *(side,) * model.dims)  # full-resolution modalities
+    dense_macs = count_macs(Dense(model), tile) / 48 ** model.dims
+    model.train()
+    seconds = []
+    for _ in range(3):  # the first step warms up
+        start = time.perf_counter()
+        model(example).float().square().mean().backward()
+        seconds.append(time.perf_counter() - start)
+    step = float(np.median(seconds[1:]))
+    return {"labelled_per_input": geometry.label_size ** 3, "train_macs_per_voxel": train_macs,
+            "dense_macs_per_voxel": dense_macs, "train_step_s": step, "train_us_per_voxel": 1e6 * step / labelled}
 
 
 def train_net(experiment: str, overrides: list[str]) -> tuple[nn.Module, object, float]:
@@ -127,6 +180,10 @@ def parse_args() -> argparse.Namespace:
                         help="sub-volume side of the throughput figure (a multiple of --tile: no part-empty tiles)")
     parser.add_argument("--tile", type=int, default=48, help="dense output tile side")
     parser.add_argument("--scan", action="store_true", help="label a 500x500x250 volume (first of --nets)")
+    parser.add_argument("--scan-block", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
+                        help="label a block of the volume and extrapolate the time by the tile count")
+    parser.add_argument("--cost", action="store_true", help="MACs and training time per labelled voxel")
+    parser.add_argument("--cost-batch", type=int, default=8, help="training inputs per step of --cost")
     parser.add_argument("--dice", action="store_true", help="short BraTS training, then volume Dice")
     parser.add_argument("--dice-nets", nargs="+", default=["deepmedic", "twopath_cnn"],
                         choices=["deepmedic", "twopath_cnn", "cascade_deepmedic"])
@@ -156,10 +213,21 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.scan:
-        figure = scan(build_net(args.nets[0], None), args.tile)
-        print(f"== {args.nets[0]}: {SCAN_SHAPE} in {figure['minutes']:.1f} min ({figure['vox_s']:.0f} vox/s), "
+        figure = scan(build_net(args.nets[0], None), args.tile, block=args.scan_block)
+        how = f"extrapolated from {figure['voxels']:.0f} voxels" if figure["extrapolated"] else "measured"
+        print(f"== {args.nets[0]}: {SCAN_SHAPE} in {figure['minutes']:.1f} min ({how}; {figure['vox_s']:.0f} vox/s), "
               f"peak RSS {figure['peak_rss_gib']:.2f} GiB, {args.threads} thread(s), tile {args.tile} ==")
         (out / f"scan_{args.nets[0]}.json").write_text(json.dumps(figure, indent=2))
+        return
+    if args.cost:
+        costs = {}
+        for name in args.nets:
+            costs[name] = row = training_cost(build_net(name, None), 2, args.cost_batch)
+            print(f"{name:>26}: {row['labelled_per_input']:4d} voxels/input | "
+                  f"train {row['train_macs_per_voxel'] / 1e6:8.2f} MMAC/voxel, "
+                  f"{row['train_us_per_voxel']:8.1f} us/voxel (step {row['train_step_s']:.2f} s) | "
+                  f"dense {row['dense_macs_per_voxel'] / 1e6:6.3f} MMAC/voxel", flush=True)
+        (out / "cost.json").write_text(json.dumps(costs, indent=2))
         return
     if args.dice:
         rows = dice(args)

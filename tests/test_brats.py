@@ -1,4 +1,4 @@
-"""BraTS reader, normalisation, cache, planning and class-balanced voxel-centred sampling."""
+"""BraTS reader, normalisation, cache, planning and class-balanced voxel-centred sampling (fresh every epoch)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from deconvlab.data.brats import (
     load_case,
     phantom_cases,
     read_case,
-    sample_balanced_centres,
 )
 from deconvlab.data.patches import PatchGeometry, context_pool, extract_patch, pad_image
+from deconvlab.data.sampling import sample_balanced_centres
 from deconvlab.errors import UserError
 
 AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -173,3 +173,58 @@ def test_a_layout_taken_from_the_model_config_builds_no_net_and_leaves_the_seede
     explicit, reference = initial_weights("data.layout_of=null", "data.patch_size=35", "data.context_factor=1")
     assert followed == explicit == PatchGeometry(3, 35, 1)
     assert all(torch.equal(a, b) for a, b in zip(weights, reference, strict=True))
+
+
+def _epoch_batches(module: BratsDataModule, epoch: int) -> list[torch.Tensor]:
+    loader = module.train_dataloader()
+    loader.sampler.set_epoch(epoch)  # as Lightning does before every training epoch
+    return [batch["image"] for batch in loader]
+
+
+def test_training_centres_are_drawn_afresh_every_epoch_and_the_same_for_the_same_seed(root, tmp_path):
+    def module(seed: int) -> BratsDataModule:
+        data = BratsDataModule(root=str(root), patch_size=5, context_factor=3, samples_per_epoch=48,
+                               eval_samples=8, batch_size=16, seed=seed, plan_dir=str(tmp_path / f"seed{seed}"))
+        data.setup("fit")
+        return data
+
+    first, again, other = module(0), module(0), module(1)
+    epoch0, epoch1 = first.train_set.centres_of(0), first.train_set.centres_of(1)
+    assert len(np.unique(np.concatenate([epoch0, epoch1]), axis=0)) > 1.5 * len(np.unique(epoch0, axis=0))
+    for epoch in (0, 1):  # the same seed: the same centres and batches, epoch by epoch
+        np.testing.assert_array_equal(again.train_set.centres_of(epoch), first.train_set.centres_of(epoch))
+        assert all(torch.equal(a, b) for a, b in zip(_epoch_batches(first, epoch), _epoch_batches(again, epoch),
+                                                     strict=True))
+    assert not torch.equal(_epoch_batches(first, 0)[0], _epoch_batches(first, 1)[0])
+    assert not np.array_equal(other.train_set.centres_of(0), epoch0)
+    # Every epoch stays class-balanced, and the plan says how the centres are drawn.
+    labels = np.array([first.train_set.cases[c].label[z, y, x] for c, z, y, x in epoch1])
+    assert 0.3 < (labels > 0).mean() < 0.7
+    sampling = json.loads((tmp_path / "seed0" / "patch_plan.json").read_text())["sampling"]
+    assert sampling["train_rng"] == "numpy.random.default_rng([0, epoch])" and sampling["natural_from_epoch"] is None
+
+
+def test_a_lightning_fit_sees_new_patches_every_epoch(root):
+    import pytorch_lightning as pl
+
+    from deconvlab.models.mri import DualPathwayCNN3d
+    from deconvlab.tasks.volumetric import VolumetricSegmentationTask
+
+    class Seen(pl.Callback):
+        def __init__(self) -> None:
+            self.batches: dict[int, list[torch.Tensor]] = {}
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.batches.setdefault(trainer.current_epoch, []).append(batch["image"].clone())
+
+    data = BratsDataModule(root=str(root), patch_size=5, context_factor=3, samples_per_epoch=32, eval_samples=8,
+                           batch_size=16)
+    torch.manual_seed(0)
+    task = VolumetricSegmentationTask(DualPathwayCNN3d(2, 5, widths=[4, 4], fc_width=8), num_classes=5,
+                                      volume_eval="never")
+    seen = Seen()
+    pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, limit_val_batches=0, callbacks=[seen]).fit(task, datamodule=data)
+    assert len(seen.batches[0]) == len(seen.batches[1]) == 2
+    assert not any(torch.equal(a, b) for a, b in zip(seen.batches[0], seen.batches[1], strict=True))
+    np.testing.assert_array_equal(torch.cat(seen.batches[1]).numpy(), torch.cat(_epoch_batches(data, 1)).numpy())

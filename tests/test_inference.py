@@ -16,7 +16,14 @@ from torch.utils.data import DataLoader
 from deconvlab.data.brats import BRATS_REGIONS
 from deconvlab.data.patches import extract_patch, geometry_of, pad_image
 from deconvlab.data.phantom import make_phantom
-from deconvlab.models.mri import CascadeCNN3d, DualPathwayCNN3d, PatchNetEnsemble, TwoPathCNN
+from deconvlab.models.mri import (
+    CascadeCNN3d,
+    DualPathwayCNN3d,
+    PatchNetEnsemble,
+    SegmentDeepMedic,
+    TwoPathCascade,
+    TwoPathCNN,
+)
 from deconvlab.tasks.volumetric import DEFAULT_CLEAN_UP, VolumetricSegmentationTask
 from deconvlab.volume.cleanup import clean_up, hole_fills, mean_field_refine
 from deconvlab.volume.dense import dense_probabilities, per_voxel_probabilities
@@ -45,6 +52,20 @@ def volume() -> np.ndarray:
     return np.random.default_rng(0).standard_normal((2, 8, 9, 7)).astype(np.float32)
 
 
+@pytest.fixture
+def paper_nets() -> list[torch.nn.Module]:
+    """Havaei's three TwoPathCNN cascades (2.5-D) and a residual DeepMedic trained on segments (issue 21)."""
+    torch.manual_seed(0)
+    cascades = [TwoPathCascade(6, 5, join, first_local_width=2, first_global_width=3, local_width=3,
+                               global_width=4) for join in ("input", "local", "output")]
+    deepmedic = SegmentDeepMedic(2, 5, widths=[3, 4, 4, 5], residual_at=[3, 4], fc_width=6, segment=3)
+    for module in deepmedic.modules():  # non-trivial running statistics: eval BatchNorm is a real map
+        if isinstance(module, torch.nn.BatchNorm3d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    return [*(c.eval() for c in cascades), deepmedic.eval()]
+
+
 def test_dense_inference_equals_per_voxel_patch_classification(nets, multi_nets, volume):
     every_voxel = np.argwhere(np.ones(volume.shape[1:], bool))
     for net in [*nets, *multi_nets]:
@@ -52,6 +73,17 @@ def test_dense_inference_equals_per_voxel_patch_classification(nets, multi_nets,
         naive = per_voxel_probabilities(net, volume, every_voxel)
         np.testing.assert_allclose(dense.reshape(5, -1).T, naive, atol=1e-5)
         np.testing.assert_array_equal(dense.argmax(0).ravel(), naive.argmax(1))
+
+
+def test_dense_inference_of_the_paper_nets_equals_per_voxel_patch_classification(paper_nets):
+    """Havaei's input, local-pathway and mean-field cascades, and the residual segment-trained DeepMedic:
+    every voxel of a small volume, tiles that do not divide it."""
+    volume = np.random.default_rng(1).standard_normal((2, 5, 6, 4)).astype(np.float32)
+    every_voxel = np.argwhere(np.ones(volume.shape[1:], bool))
+    for net in paper_nets:
+        dense = dense_probabilities(net, volume, tile=4)
+        naive = per_voxel_probabilities(net, volume, every_voxel)
+        np.testing.assert_allclose(dense.reshape(5, -1).T, naive, atol=1e-5, err_msg=type(net).__name__)
 
 
 def test_dense_inference_under_bf16_autocast_returns_float32_probabilities(nets, volume):

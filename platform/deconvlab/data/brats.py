@@ -26,21 +26,22 @@ The label of a patch is its centre voxel's class (``[B]`` long in a batch).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from deconvlab.console import progress
-from deconvlab.data.base import SplitDataModule
+from deconvlab.data.base import SplitDataModule, uses_gpu
 from deconvlab.data.patches import PatchGeometry, extract_patch, pad_image
 from deconvlab.data.patches import layout_of as patch_layout_of  # the argument's name is taken
 from deconvlab.data.phantom import make_phantom, split_seed
 from deconvlab.data.planning import plan_cases, write_plan
+from deconvlab.data.sampling import EpochSampler, FreshCentres, sample_uniform_centres
 from deconvlab.errors import DataError, MissingDataError
 
 LABEL_FILE, MASK_FILE = "otmulticlass", "brainmask"
@@ -171,90 +172,60 @@ def phantom_cases(count: int, first_seed: int, size: int) -> list[Case]:
 
 
 class CentredPatchDataset(Dataset):
-    """Patches around given centre voxels; each item is ``{"image": patch, "label": centre class}``.
+    """Patches around centre voxels; each item is ``{"image": patch, "label": centre class}`` (for a
+    segment geometry, ``label`` is the ``label_size^3`` block around the centre, 0 outside the volume).
 
     Args:
         cases: the volumes.
-        centres: ``[N, 4]`` int array of (case index, z, y, x).
+        centres: ``[N, 4]`` int array of (case index, z, y, x), fixed; or a callable ``epoch -> [N, 4]``
+            (:class:`FreshCentres`), indexed by ``(epoch, i)`` keys (:class:`EpochSampler`).
         geometry: how patches are cut.
     """
 
-    def __init__(self, cases: Sequence[Case], centres: np.ndarray, geometry: PatchGeometry) -> None:
+    def __init__(self, cases: Sequence[Case], centres: np.ndarray | Callable[[int], np.ndarray],
+                 geometry: PatchGeometry) -> None:
         self.cases, self.centres, self.geometry = list(cases), centres, geometry
         # Padded (and context-pooled) once per case, shared by all patches: extraction is then pure slicing.
         self.padded = [pad_image(case.image, geometry.margin) for case in self.cases]
         self.pooled = [geometry.pooled(p) for p in self.padded]
+        half = geometry.label_size // 2
+        self.labels = [np.pad(case.label, half) if half else case.label for case in self.cases]
+
+    def centres_of(self, epoch: int) -> np.ndarray:
+        """The ``[N, 4]`` centres of ``epoch`` (the same every epoch for fixed centres)."""
+        return self.centres(epoch) if callable(self.centres) else self.centres
 
     def __len__(self) -> int:
         return len(self.centres)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        case, *centre = (int(v) for v in self.centres[index])
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        case, *centre = (int(v) for v in self.centres_of(epoch)[index])
         patch = extract_patch(self.padded[case], centre, self.geometry, self.pooled[case])
-        label = int(self.cases[case].label[tuple(centre)])
-        return {"image": torch.from_numpy(patch), "label": torch.tensor(label, dtype=torch.long)}
-
-
-def sample_balanced_centres(cases: Sequence[Case], count: int, label_fractions: Sequence[float],
-                            seed: int) -> np.ndarray:
-    """Centre voxels whose labels follow ``label_fractions`` (background = brain voxels of label 0).
-
-    A label is drawn first, then a case holding it, then one of its voxels, so rare labels get the
-    share configured for them rather than their share of the volume. Labels absent from every case
-    have their share spread over the others.
-
-    Returns:
-        ``[count, 4]`` int64 array of (case index, z, y, x).
-    """
-    rng = np.random.default_rng(seed)
-    pools = [[np.flatnonzero((c.label == k) & (c.brain if k == 0 else True)) for c in cases]
-             for k in range(len(label_fractions))]
-    fractions = np.array([f if any(p.size for p in pools[k]) else 0.0 for k, f in enumerate(label_fractions)])
-    if fractions.sum() <= 0:
-        raise DataError("no voxel of any sampled label in the cases", "data.label_fractions",
-                        "give a share to a label the cases hold, or check their label files")
-    labels = rng.choice(len(fractions), size=count, p=fractions / fractions.sum())
-    centres = np.empty((count, 4), np.int64)
-    for i, k in enumerate(labels):
-        holders = [j for j, p in enumerate(pools[k]) if p.size]
-        case = holders[rng.integers(len(holders))]
-        flat = pools[k][case][rng.integers(pools[k][case].size)]
-        centres[i] = (case, *np.unravel_index(flat, cases[case].label.shape))
-    return centres
-
-
-def sample_uniform_centres(cases: Sequence[Case], count: int, seed: int) -> np.ndarray:
-    """Centre voxels drawn uniformly inside the brains (the natural class mix, for validation Dice)."""
-    rng = np.random.default_rng(seed)
-    sizes = np.array([c.brain.sum() for c in cases], np.float64)
-    which = rng.choice(len(cases), size=count, p=sizes / sizes.sum())
-    centres = np.empty((count, 4), np.int64)
-    for j, case in enumerate(cases):
-        rows = np.flatnonzero(which == j)
-        pool = np.flatnonzero(case.brain)
-        picked = pool[rng.integers(pool.size, size=rows.size)]
-        centres[rows, 0] = j
-        centres[rows, 1:] = np.stack(np.unravel_index(picked, case.label.shape), axis=1)
-    return centres
+        size = self.geometry.label_size
+        label = self.labels[case][tuple(slice(c, c + size) for c in centre)] if size > 1 \
+            else self.labels[case][tuple(centre)]
+        return {"image": torch.from_numpy(patch), "label": torch.as_tensor(np.asarray(label, np.int64))}
 
 
 # --------------------------------------------------------------------------------------- datamodule
 class BratsDataModule(SplitDataModule):
     """Voxel-centred patches of BraTS cases (or synthetic phantoms) for the volumetric task.
 
-    Training patches are class-balanced by the plan's ``label_fractions`` (or the ones given);
-    validation patches are centred on voxels drawn uniformly inside the brain, so the task's Dice
-    over them estimates the volume Dice. ``plan_dir`` receives ``patch_plan.json``.
+    Training patches are class-balanced by the plan's ``label_fractions`` (or the ones given) and drawn
+    afresh every epoch from the data seed and the epoch (:class:`FreshCentres`): epochs see new patches,
+    the same seed sees the same ones. :meth:`sample_naturally_from` switches later epochs to the true
+    label distribution (Havaei's two-phase training). Validation patches are centred on voxels drawn once,
+    uniformly inside the brain, so the task's Dice over them estimates the volume Dice. ``plan_dir``
+    receives ``patch_plan.json``, with the sampling under ``"sampling"``.
 
-    Cases are decoded once, in ``setup`` (the loader workers inherit them). Patches are shuffled from
-    torch's global RNG (which ``seed_everything`` seeds) and loader workers start afresh every epoch, as
-    they always have, so a seed keeps giving the batches it gave before.
+    Cases are decoded once, in ``setup`` (the loader workers inherit them).
 
     Args:
         root: a folder laid out as in the module docstring; None = synthetic phantoms.
         split: the split val/test dataloaders read ("validation" on disk is accepted for "val").
         modalities: modality file stems, in channel order.
-        patch_dims, patch_size, context_factor, slices: patch geometry (see :class:`PatchGeometry`).
+        patch_dims, patch_size, context_factor, slices, label_size: patch geometry (see :class:`PatchGeometry`).
         tumour_fraction: share of training patches centred on tumour voxels.
         label_fractions: explicit per-label shares; None derives them in the plan.
         samples_per_epoch, eval_samples: training / validation patches.
@@ -262,8 +233,8 @@ class BratsDataModule(SplitDataModule):
         plan_dir: where to write the plan (the run's output folder); None writes nothing.
         layout_of: a patch net, or its config (``${model}`` in a config: the data config's
             ``_recursive_: false`` keeps Hydra from building it), whose input layout replaces ``patch_dims``,
-            ``patch_size``, ``context_factor`` and ``slices``: a sweep over architectures then switches
-            the patch layout with the net. A config is read without building a real net (see
+            ``patch_size``, ``context_factor``, ``slices`` and ``label_size``: a sweep over architectures
+            then switches the patch layout with the net. A config is read without building a real net (see
             :func:`deconvlab.data.patches.layout_of`).
     """
 
@@ -277,12 +248,12 @@ class BratsDataModule(SplitDataModule):
                  samples_per_epoch: int = 2048, eval_samples: int = 2048, batch_size: int = 64,
                  num_workers: int = 0, seed: int = 0, num_classes: int = 5, ignore_index: int = -100,
                  in_channels: int | None = None, phantom_cases: int = 3, phantom_size: int = 32,
-                 plan_dir: str | None = None, layout_of: Any = None) -> None:
+                 plan_dir: str | None = None, layout_of: Any = None, label_size: int = 1) -> None:
         super().__init__(batch_size, num_workers, seed)
         self.root, self.split, self.modalities = root, split, tuple(modalities)
         modality_count = len(self.modalities) if root is not None else 2
         self.geometry = (patch_layout_of(layout_of, modality_count) if layout_of is not None
-                         else PatchGeometry(patch_dims, patch_size, context_factor, slices))
+                         else PatchGeometry(patch_dims, patch_size, context_factor, slices, label_size))
         self.tumour_fraction, self.label_fractions = tumour_fraction, label_fractions
         self.samples_per_epoch, self.eval_samples = samples_per_epoch, eval_samples
         self.num_classes, self.ignore_index = num_classes, ignore_index
@@ -310,18 +281,49 @@ class BratsDataModule(SplitDataModule):
                           self.num_classes)
         if self.label_fractions is not None:
             plan["label_fractions"] = [float(f) for f in self.label_fractions]
-        if self.plan_dir is not None:
-            write_plan(plan, self.plan_dir)
+        plan["sampling"] = sampling_record(self.seed, self.samples_per_epoch, self.eval_samples, g.label_size)
         return plan
+
+    def _write_plan(self) -> None:
+        if self.plan_dir is not None and self.plan is not None:
+            write_plan(self.plan, self.plan_dir)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
             cases = self.cases("train")
             self.plan = self._make_plan(cases)
-            centres = sample_balanced_centres(cases, self.samples_per_epoch, self.plan["label_fractions"],
-                                              self.seed)
+            self._write_plan()
+            centres = FreshCentres(cases, self.samples_per_epoch, self.plan["label_fractions"], self.seed)
             self.train_set = CentredPatchDataset(cases, centres, self.geometry)
         if self.eval_set is None:
             cases = self.cases(self.split)
             centres = sample_uniform_centres(cases, self.eval_samples, self.seed + 1)
             self.eval_set = CentredPatchDataset(cases, centres, self.geometry)
+
+    def sample_naturally_from(self, epoch: int | None) -> None:
+        """Draw the training centres of ``epoch`` and later uniformly inside the brain (the true label
+        distribution) instead of class-balanced; None switches back. Recorded in the plan file."""
+        if self.train_set is None:
+            raise RuntimeError("BratsDataModule.setup('fit') must run before choosing the sampling")
+        self.train_set.centres.natural_from = epoch
+        self.plan["sampling"]["natural_from_epoch"] = epoch
+        self._write_plan()
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            raise RuntimeError("BratsDataModule.setup() must run before asking for a dataloader")
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=EpochSampler(len(self.train_set)),
+                          num_workers=self.num_workers, pin_memory=uses_gpu(self.trainer))
+
+
+def sampling_record(seed: int, samples_per_epoch: int, eval_samples: int, label_size: int) -> dict[str, Any]:
+    """How the training and validation centres are drawn, as the plan file records it."""
+    return {
+        "train": "class-balanced by label_fractions, fresh centres every epoch",
+        "train_rng": f"numpy.random.default_rng([{seed}, epoch])",
+        "natural_from_epoch": None,  # set by two-phase training: uniform in the brain from that epoch on
+        "samples_per_epoch": samples_per_epoch,
+        "labelled_voxels_per_sample": label_size ** 3,
+        "validation": f"uniform in the brain, drawn once: numpy.random.default_rng({seed + 1})",
+        "eval_samples": eval_samples,
+    }

@@ -15,28 +15,42 @@ from deconvlab.errors import UserError
 
 @dataclass(frozen=True)
 class PatchGeometry:
-    """How a patch is cut around a centre voxel (the layouts: :mod:`deconvlab.data.brats`)."""
+    """How a patch is cut around a centre voxel (the layouts: :mod:`deconvlab.data.brats`).
+
+    ``label_size > 1`` (a training *segment*, DeepMedic's way of labelling many voxels per forward pass)
+    labels the ``label_size^3`` block around the centre: the raw region cut is then
+    ``patch_size + label_size - 1`` voxels wide (only for the raw-region layout, 3-D without packed context).
+    """
 
     patch_dims: int = 3
     patch_size: int = 9
     context_factor: int = 3
     slices: int = 1
+    label_size: int = 1
 
     def __post_init__(self) -> None:
         if self.patch_dims not in (2, 3):
             raise UserError(f"patch_dims must be 2 or 3, got {self.patch_dims}", "data.patch_dims")
         for key, value in (("patch_size", self.patch_size), ("context_factor", self.context_factor),
-                           ("slices", self.slices)):
+                           ("slices", self.slices), ("label_size", self.label_size)):
             if value < 1 or value % 2 == 0:
                 raise UserError(f"{key} must be odd and >= 1 (a patch is centred on a voxel), got {value}",
                                 f"data.{key}")
+        if self.label_size > 1 and (self.patch_dims != 3 or self.context_factor != 1):
+            raise UserError("segments (label_size > 1) are cut as one raw 3-D region",
+                            "data.label_size", "use a net that reads a raw region (data.layout_of=${model})")
+
+    @property
+    def side(self) -> int:
+        """Side of the region cut: the patch, widened by the segment it labels."""
+        return self.patch_size + self.label_size - 1
 
     @property
     def margin(self) -> int:
         """Voxels needed on each side of a centre (the padding that keeps every centre valid)."""
         if self.patch_dims == 2:
             return max(self.patch_size // 2, self.slices // 2)
-        return (self.context_factor * self.patch_size) // 2
+        return (self.context_factor * self.side) // 2
 
     @property
     def has_context(self) -> bool:
@@ -63,10 +77,11 @@ def net_slices(net: Any, modalities: int) -> int:
 
 
 def geometry_of(net: Any, modalities: int) -> PatchGeometry:
-    """The patch layout a patch net's ``forward`` expects (its ``dims``, ``patch_size``, ``context_factor``)."""
+    """The patch layout a patch net trains on (its ``dims``, ``patch_size``, ``context_factor`` and, for a
+    net trained on segments, ``segment``: the side of the block one training input labels)."""
     if net.dims == 2:
         return PatchGeometry(2, net.patch_size, 1, net_slices(net, modalities))
-    return PatchGeometry(3, net.patch_size, net.context_factor)
+    return PatchGeometry(3, net.patch_size, net.context_factor, label_size=getattr(net, "segment", 1))
 
 
 def layout_of(net_or_config: Any, modalities: int) -> PatchGeometry:
@@ -105,7 +120,7 @@ def extract_patch(padded: np.ndarray, centre: Sequence[int], geometry: PatchGeom
     """The model input around ``centre`` (unpadded voxel coordinates) from an image padded by
     ``geometry.margin``; ``pooled`` = :func:`context_pool` of it makes the context patch a slice."""
     c = np.asarray(centre) + geometry.margin
-    h = geometry.patch_size // 2
+    h = geometry.side // 2
     if geometry.patch_dims == 2:
         k = geometry.slices // 2
         block = padded[:, c[0] - h:c[0] + h + 1, c[1] - h:c[1] + h + 1, c[2] - k:c[2] + k + 1]

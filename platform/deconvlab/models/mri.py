@@ -45,29 +45,54 @@ class TwoPathCNN(nn.Module):
         num_classes: label values.
         local_width, global_width: feature maps per pathway (paper: 64 and 160).
         dropout: dropout before the classifier.
+        extra_channels: channels a cascade joins to the net (another net's class probabilities):
+            at its input (counted in ``in_channels``), after the local pathway's first block
+            (``extra_at="local"``) or before the classifier (``"output"``).
+        extra_at: "local" or "output" (see ``extra_channels``).
     """
 
     patch_size = 33
     dims = 2
+    # Where joined maps sit, per extra_at: (side shrink from the input, offset of their first voxel in the
+    # input). The local pathway's first block (7x7 conv, 4x4 pool) is 10 voxels wide, so its maps are
+    # centred between voxels: they are taken at the left-of-centre voxel (offset 4).
+    JOIN_POINTS = {"input": (0, 0), "local": (9, 4), "output": (12, 6)}
 
     def __init__(self, in_channels: int = 2, num_classes: int = 5, local_width: int = 64,
-                 global_width: int = 160, dropout: float = 0.2) -> None:
+                 global_width: int = 160, dropout: float = 0.2, extra_channels: int = 0,
+                 extra_at: str = "input") -> None:
         super().__init__()
+        if extra_at not in self.JOIN_POINTS:
+            raise ValueError(f"extra_at must be one of {sorted(self.JOIN_POINTS)}, got {extra_at!r}")
         self.in_channels, self.num_classes = in_channels, num_classes
+        self.extra_at = extra_at
+        local_extra = extra_channels if extra_at == "local" else 0
+        output_extra = extra_channels if extra_at == "output" else 0
+        # One Sequential (the checkpoints' keys): indices 0-2 are the first block, 3-5 the second.
         self.local = nn.Sequential(
             nn.Conv2d(in_channels, local_width, 7), nn.ReLU(inplace=True), nn.MaxPool2d(4, stride=1),
-            nn.Conv2d(local_width, local_width, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2, stride=1))
+            nn.Conv2d(local_width + local_extra, local_width, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2, stride=1))
         self.global_ = nn.Sequential(nn.Conv2d(in_channels, global_width, 13), nn.ReLU(inplace=True))
         self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Conv2d(local_width + global_width, num_classes, 21)
+        self.classifier = nn.Conv2d(local_width + global_width + output_extra, num_classes, 21)
 
     @property
     def margin(self) -> int:
         return self.patch_size // 2
 
-    def dense_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, C, H, W]`` -> ``[B, K, H-32, W-32]``."""
-        return self.classifier(self.dropout(torch.cat([self.local(x), self.global_(x)], dim=1)))
+    def output_layers(self) -> list[nn.Module]:
+        return [self.classifier]
+
+    def dense_logits(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, C, H, W]`` -> ``[B, K, H-32, W-32]``; ``extra``: the maps joined at ``extra_at`` ("local":
+        ``[B, E, H-9, W-9]``, "output": ``[B, E, H-12, W-12]``; at the input they are part of ``x``)."""
+        local = self.local[:3](x)
+        if extra is not None and self.extra_at == "local":
+            local = torch.cat([local, extra], dim=1)
+        features = torch.cat([self.local[3:](local), self.global_(x)], dim=1)
+        if extra is not None and self.extra_at == "output":
+            features = torch.cat([features, extra], dim=1)
+        return self.classifier(self.dropout(features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, 33, 33]`` -> ``[B, K]`` (``dense_logits`` labels larger inputs)."""
@@ -81,6 +106,45 @@ def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
                          nn.PReLU(out_channels))
 
 
+class Pathway(nn.Sequential):
+    """A DeepMedic pathway: 3^3 valid convolution blocks, with DeepMedic v2's residual connections.
+
+    At each (1-based) layer in ``residual_at`` the output of the layer two before (its channels zero-padded
+    to the width, its border cropped to the smaller side) is added to the layer's output (Kamnitsas et al.
+    2017: residuals at layers 4, 6 and 8). ``forward(x, dilation)`` dilates every convolution (the dense
+    context pathway); the crop grows with it.
+    """
+
+    def __init__(self, in_channels: int, widths: Sequence[int], residual_at: Sequence[int] = ()) -> None:
+        pairs = zip([in_channels, *widths], widths, strict=False)
+        super().__init__(*(_conv_block(c_in, c_out) for c_in, c_out in pairs))
+        bad = [i for i in residual_at if not 3 <= i <= len(widths)]
+        if bad:
+            raise ValueError(f"residual_at: layers {bad} have no layer two before them (1-based, 3..{len(widths)})")
+        narrowing = [i for i in residual_at if widths[i - 1] < widths[i - 3]]
+        if narrowing:
+            raise ValueError(f"residual_at: layers {narrowing} are narrower than the layer two before them")
+        self.residual_at = tuple(residual_at)
+
+    def forward(self, x: torch.Tensor, dilation: int = 1) -> torch.Tensor:  # type: ignore[override]
+        outputs = [x]
+        for layer, block in enumerate(self, start=1):
+            x = _run_block(block, x, dilation)
+            if layer in self.residual_at:
+                earlier = _centre_crop(outputs[layer - 2], x.shape[2:])
+                x = x + F.pad(earlier, [0] * 6 + [0, x.shape[1] - earlier.shape[1]])
+            outputs.append(x)
+        return x
+
+
+def _run_block(block: nn.Sequential, x: torch.Tensor, dilation: int) -> torch.Tensor:
+    conv, *rest = block
+    x = F.conv3d(x, conv.weight, conv.bias, dilation=dilation) if dilation > 1 else conv(x)
+    for module in rest:
+        x = module(x)
+    return x
+
+
 def _run_dilated(blocks: nn.Sequential, x: torch.Tensor, dilation: int) -> torch.Tensor:
     """The pathway's layers with every 3^3 convolution dilated by ``dilation`` (filter rarefaction: the
     dense equivalent of running them on an ``dilation``-times subsampled input at every offset).
@@ -92,9 +156,11 @@ def _run_dilated(blocks: nn.Sequential, x: torch.Tensor, dilation: int) -> torch
     split into its batch statistics, so there the dilated convolutions run directly.
     """
     f = dilation
-    if blocks.training and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in blocks.modules()):
+    padded = any(n % f for n in x.shape[2:])
+    if padded and blocks.training and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in blocks.modules()):
         # Training-mode BatchNorm takes batch statistics: the zero padding of the sub-lattice split
-        # would enter them, so train through the dilated convolutions themselves.
+        # would enter them, so train through the dilated convolutions themselves. (Without padding the
+        # split's outputs are exactly the dilated convolution's, so their statistics are too.)
         return _dilated_reference(blocks, x, f)
     batch, channels, *size = x.shape
     out_size = [n - 2 * len(blocks) * f for n in size]
@@ -109,14 +175,9 @@ def _run_dilated(blocks: nn.Sequential, x: torch.Tensor, dilation: int) -> torch
     return y[:, :, :out_size[0], :out_size[1], :out_size[2]]
 
 
-def _dilated_reference(blocks: nn.Sequential, x: torch.Tensor, dilation: int) -> torch.Tensor:
+def _dilated_reference(blocks: Pathway, x: torch.Tensor, dilation: int) -> torch.Tensor:
     """The pathway with every convolution dilated by ``dilation``, computed directly (no padding)."""
-    for module in (m for block in blocks for m in block):
-        if isinstance(module, nn.Conv3d):
-            x = F.conv3d(x, module.weight, module.bias, dilation=dilation)
-        else:
-            x = module(x)
-    return x
+    return blocks(x, dilation)
 
 
 class DualPathwayCNN3d(nn.Module):
@@ -135,34 +196,34 @@ class DualPathwayCNN3d(nn.Module):
         dropout: dropout in the fusion layers.
         context_channels: channels of the context input (default ``in_channels``); a cascade's second
             net reads the first net's probabilities in its normal pathway only.
+        residual_at: 1-based layers of both pathways that add the output of the layer two before
+            (:class:`Pathway`; DeepMedic v2: 4, 6, 8).
     """
 
     dims = 3
 
     def __init__(self, in_channels: int = 2, num_classes: int = 5, widths: Sequence[int] = (16, 16, 24, 24),
                  context_factor: int = 3, fc_width: int = 64, dropout: float = 0.2,
-                 context_channels: int | None = None) -> None:
+                 context_channels: int | None = None, residual_at: Sequence[int] = ()) -> None:
         super().__init__()
         if context_factor < 1 or context_factor % 2 == 0:
             raise ValueError(f"context_factor must be odd (centred context blocks), got {context_factor}")
         self.in_channels, self.context_factor, self.num_classes = in_channels, context_factor, num_classes
         self.context_channels = in_channels if context_channels is None else context_channels
         self.num_layers = len(widths)
-        self.normal = self._pathway(in_channels, widths)
-        self.context = self._pathway(self.context_channels, widths) if context_factor > 1 else None
+        self.normal = Pathway(in_channels, widths, residual_at)
+        self.context = Pathway(self.context_channels, widths, residual_at) if context_factor > 1 else None
         fused = widths[-1] * (2 if self.context is not None else 1)
         self.fuse = nn.Sequential(nn.Conv3d(fused, fc_width, 1), nn.PReLU(fc_width), nn.Dropout3d(dropout),
                                   nn.Conv3d(fc_width, fc_width, 1), nn.PReLU(fc_width), nn.Dropout3d(dropout),
                                   nn.Conv3d(fc_width, num_classes, 1))
 
-    @staticmethod
-    def _pathway(in_channels: int, widths: Sequence[int]) -> nn.Sequential:
-        pairs = zip([in_channels, *widths], widths, strict=False)
-        return nn.Sequential(*(_conv_block(c_in, c_out) for c_in, c_out in pairs))
-
     @property
     def patch_size(self) -> int:
         return 2 * self.num_layers + 1
+
+    def output_layers(self) -> list[nn.Module]:
+        return [self.fuse[-1]]
 
     @property
     def margin(self) -> int:
@@ -258,6 +319,9 @@ class CascadeCNN3d(nn.Module):
     def patch_size(self) -> int:
         return 2 * self.margin + 1
 
+    def output_layers(self) -> list[nn.Module]:
+        return self.second.output_layers()
+
     def dense_logits(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, D, H, W]`` -> ``[B, K, D-2m, H-2m, W-2m]`` (m = margin)."""
         out = [n - 2 * self.margin for n in x.shape[2:]]
@@ -270,6 +334,137 @@ class CascadeCNN3d(nn.Module):
         """``[B, C, P, P, P]`` -> ``[B, K]``."""
         _check_patch(x, self.patch_size)
         return _squeeze_centre(self.dense_logits(x))
+
+
+@register_model("deepmedic_v2", "volumetric", example_shape=(2, 21, 21, 21),
+                tiny_kwargs={"in_channels": 2, "num_classes": 5, "widths": [4, 4, 4], "residual_at": [3],
+                             "fc_width": 8, "segment": 3})
+class SegmentDeepMedic(nn.Module):
+    """A DeepMedic (:class:`DualPathwayCNN3d`) that reads one raw full-resolution region and trains on
+    *segments*: a region ``segment - 1`` voxels wider than its patch labels the ``segment^3`` block around
+    its centre in one forward pass (DeepMedic's training on 25^3 segments: 9^3 labels each), instead of
+    one voxel per patch.
+
+    Every output voxel's context is the pooled region centred on it (the dense dilated context pathway,
+    as :meth:`DualPathwayCNN3d.dense_logits`), so training, dense inference and per-voxel classification
+    compute the same function. ``forward`` on a ``patch_size`` region gives ``[B, K]``, on a wider one the
+    dense ``[B, K, ...]`` block. Defaults are the paper's shape: 8 layers of 30-50, residual connections
+    at layers 4, 6, 8, context at factor 3, two 150-wide fusion layers.
+
+    Args:
+        in_channels: modalities C.
+        num_classes: label values K.
+        widths, context_factor, fc_width, dropout, residual_at: see :class:`DualPathwayCNN3d`.
+        segment: side of the labelled block in training (odd; a multiple of ``context_factor`` lets the
+            context pathway train through the fast sub-lattice split).
+    """
+
+    dims = 3
+    context_factor = 1  # the data layout: one raw region, no packed context channels
+
+    def __init__(self, in_channels: int = 2, num_classes: int = 5,
+                 widths: Sequence[int] = (30, 30, 40, 40, 40, 40, 50, 50), context_factor: int = 3,
+                 fc_width: int = 150, dropout: float = 0.2, residual_at: Sequence[int] = (4, 6, 8),
+                 segment: int = 9) -> None:
+        super().__init__()
+        if segment < 1 or segment % 2 == 0:
+            raise ValueError(f"segment must be odd (centred on the sampled voxel), got {segment}")
+        self.net = DualPathwayCNN3d(in_channels, num_classes, widths, context_factor, fc_width, dropout,
+                                    residual_at=residual_at)
+        self.in_channels, self.num_classes, self.segment = in_channels, num_classes, segment
+
+    @property
+    def margin(self) -> int:
+        return self.net.margin
+
+    @property
+    def patch_size(self) -> int:
+        return 2 * self.margin + 1
+
+    def output_layers(self) -> list[nn.Module]:
+        return self.net.output_layers()
+
+    def dense_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, C, D, H, W]`` -> ``[B, K, D-2m, H-2m, W-2m]`` (m = margin)."""
+        return self.net.dense_logits(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """A ``patch_size`` region -> ``[B, K]``; a segment region (wider by ``segment - 1``) -> its block."""
+        if any(s < self.patch_size or (s - self.patch_size) % 2 for s in x.shape[2:]):
+            raise ValueError(f"expected a region of side {self.patch_size} (+ an even width for a segment), got "
+                             f"input {tuple(x.shape)}: use data.layout_of=${{model}}")
+        return _squeeze_centre(self.dense_logits(x))
+
+
+class TwoPathCascade(nn.Module):
+    """Havaei et al. 2017's cascades of two TwoPathCNNs: the first net's class probabilities, over the
+    voxels the second net needs them at, join the second net at its input (InputCascadeCNN), after the
+    first block of its local pathway (LocalCascadeCNN) or right before its output layer (MFCascadeCNN,
+    a learnt mean-field-like step). Trained end to end (Havaei trained the first net first).
+
+    The input is one 2-D (2.5-D) patch of side ``patch_size`` (65 / 57 / 53; Havaei's 65 / 56 / 53: an even
+    side has no centre voxel, so the local cascade reads one unused voxel more); ``forward`` is
+    ``dense_logits`` on it, so per-voxel and dense labelling agree by construction.
+
+    Args:
+        in_channels: modalities x slices.
+        num_classes: label values K.
+        join: "input", "local" or "output" (the mean-field cascade).
+        first_local_width, first_global_width: the first net's pathway widths.
+        local_width, global_width: the second net's pathway widths.
+        dropout: dropout before each classifier.
+    """
+
+    dims = 2
+    def __init__(self, in_channels: int = 2, num_classes: int = 5, join: str = "input",
+                 first_local_width: int = 16, first_global_width: int = 32, local_width: int = 32,
+                 global_width: int = 64, dropout: float = 0.2) -> None:
+        super().__init__()
+        if join not in TwoPathCNN.JOIN_POINTS:
+            raise ValueError(f"join must be one of {sorted(TwoPathCNN.JOIN_POINTS)}, got {join!r}")
+        self.in_channels, self.num_classes, self.join = in_channels, num_classes, join
+        self.first = TwoPathCNN(in_channels, num_classes, first_local_width, first_global_width, dropout)
+        at_input = join == "input"
+        self.second = TwoPathCNN(in_channels + (num_classes if at_input else 0), num_classes, local_width,
+                                 global_width, dropout, extra_channels=0 if at_input else num_classes,
+                                 extra_at=join)
+        self.shrink, self.offset = TwoPathCNN.JOIN_POINTS[join]
+
+    @property
+    def margin(self) -> int:
+        """The larger of the first net's reach left and right of the second net's patch (see the class)."""
+        m1, m2 = self.first.margin, self.second.margin
+        return max(m1 + m2 - self.offset, self.offset + m1 + m2 - self.shrink)
+
+    @property
+    def patch_size(self) -> int:
+        return 2 * self.margin + 1
+
+    def output_layers(self) -> list[nn.Module]:
+        return self.second.output_layers()
+
+    def dense_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W]`` -> ``[B, K, H-2m, W-2m]`` (m = margin)."""
+        out = [n - 2 * self.margin for n in x.shape[2:]]
+        start = self.margin - self.second.margin  # the second net's input, in x
+        second_input = _window(x, start, [o + 2 * self.second.margin for o in out])
+        joined = [o + 2 * self.second.margin - self.shrink for o in out]  # side of the joined maps
+        first_input = _window(x, start + self.offset - self.first.margin,
+                              [j + 2 * self.first.margin for j in joined])
+        probabilities = torch.softmax(self.first.dense_logits(first_input), dim=1)
+        if self.join == "input":
+            return self.second.dense_logits(torch.cat([second_input, probabilities], dim=1))
+        return self.second.dense_logits(second_input, probabilities)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, C, P, P]`` -> ``[B, K]``."""
+        _check_patch(x, self.patch_size)
+        return _squeeze_centre(self.dense_logits(x))
+
+
+def _window(x: torch.Tensor, start: int, sides: Sequence[int]) -> torch.Tensor:
+    """``x[..., start:start+side, ...]`` over the spatial axes."""
+    return x[(..., *(slice(start, start + n) for n in sides))]
 
 
 def _tiny_member() -> nn.Module:
@@ -302,6 +497,9 @@ class PatchNetEnsemble(nn.Module):
     def _average(self, logits: list[torch.Tensor]) -> torch.Tensor:
         log_probabilities = torch.stack([torch.log_softmax(x, dim=1) for x in logits])
         return torch.logsumexp(log_probabilities, dim=0) - math.log(len(logits))
+
+    def output_layers(self) -> list[nn.Module]:
+        return [layer for member in self.members for layer in member.output_layers()]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._average([member(x) for member in self.members])
@@ -341,3 +539,25 @@ def deepmedic(widths: Sequence[int] = (16, 16, 24, 24), **kwargs: Any) -> DualPa
 def deepmedic_p7(widths: Sequence[int] = (16, 16, 24), **kwargs: Any) -> DualPathwayCNN3d:
     """The DeepMedic-like net with three 3^3 layers per pathway: a 7^3 patch."""
     return DualPathwayCNN3d(widths=widths, **kwargs)
+
+
+_TINY_CASCADE = {"in_channels": 2, "num_classes": 5, "first_local_width": 2, "first_global_width": 2,
+                 "local_width": 4, "global_width": 4}
+
+
+@register_model("cascade_twopath_input", "volumetric", example_shape=(2, 65, 65), tiny_kwargs=_TINY_CASCADE)
+def cascade_twopath_input(**kwargs: Any) -> TwoPathCascade:
+    """Havaei's InputCascadeCNN: the first TwoPathCNN's probabilities join the second's input (65^2 patch)."""
+    return TwoPathCascade(join="input", **kwargs)
+
+
+@register_model("cascade_twopath_local", "volumetric", example_shape=(2, 57, 57), tiny_kwargs=_TINY_CASCADE)
+def cascade_twopath_local(**kwargs: Any) -> TwoPathCascade:
+    """Havaei's LocalCascadeCNN: the probabilities join the second net's local pathway after its first block."""
+    return TwoPathCascade(join="local", **kwargs)
+
+
+@register_model("cascade_twopath_meanfield", "volumetric", example_shape=(2, 53, 53), tiny_kwargs=_TINY_CASCADE)
+def cascade_twopath_meanfield(**kwargs: Any) -> TwoPathCascade:
+    """Havaei's MFCascadeCNN: the probabilities join right before the second net's output layer."""
+    return TwoPathCascade(join="output", **kwargs)

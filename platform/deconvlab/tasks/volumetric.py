@@ -8,11 +8,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from pytorch_lightning.loggers import MLFlowLogger
 from torchmetrics import Metric, MetricCollection
 
 from deconvlab.data.brats import BRATS_REGIONS
+from deconvlab.errors import UserError
 from deconvlab.tasks.base import BaseTask, side_by_side, to_uint8
 from deconvlab.tasks.segmentation import colourise, default_palette
 from deconvlab.volume.report import (
@@ -26,6 +28,19 @@ from deconvlab.volume.report import (
 )
 
 DEFAULT_CLEAN_UP = {"keep_fraction": 0.1, "fill_holes": True, "smooth_radius": 1}
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def output_layers(model: nn.Module) -> list[nn.Module]:
+    """The layer(s) producing a net's class scores: ``model.output_layers()`` where the net says (an
+    ensemble has one per member), else its last convolution or linear layer."""
+    if hasattr(model, "output_layers"):
+        return list(model.output_layers())
+    layers = [m for m in model.modules() if isinstance(m, _LAYERS)]
+    if not layers:
+        raise UserError(f"{type(model).__name__} has no convolution or linear layer to re-train",
+                        "task.two_phase_epochs")
+    return layers[-1:]
 
 
 class RegionDice(Metric):
@@ -86,6 +101,11 @@ class VolumetricSegmentationTask(BaseTask):
         crf: keyword arguments of :func:`deconvlab.volume.cleanup.mean_field_refine` for "crf" rows (the
             refinement, then the clean-up); None (default) leaves it out.
         volume_tile: dense inference tile side.
+        two_phase_epochs: Havaei et al.'s two-phase training: the last ``two_phase_epochs`` epochs re-train
+            only the net's output layer (:func:`output_layers`; everything else frozen, its BatchNorm and
+            dropout in eval mode) on patches drawn from the true label distribution (the data module's
+            ``sample_naturally_from``), correcting the over-segmentation class-balanced patches teach.
+            0 (default) = one phase.
         **kwargs: see :class:`~deconvlab.tasks.base.BaseTask`.
     """
 
@@ -94,9 +114,12 @@ class VolumetricSegmentationTask(BaseTask):
     def __init__(self, *args, num_classes: int, regions: Mapping[str, Sequence[int]] | None = None,
                  class_weights: Sequence[float] | None = None, volume_eval: str = "last",
                  clean_up: Mapping[str, Any] | None = DEFAULT_CLEAN_UP, crf: Mapping[str, Any] | None = None,
-                 volume_tile: int = 48, **kwargs) -> None:
+                 volume_tile: int = 48, two_phase_epochs: int = 0, **kwargs) -> None:
         if volume_eval not in ("never", "last", "every"):
             raise ValueError(f"task.volume_eval must be never, last or every, got {volume_eval!r}")
+        if two_phase_epochs < 0:
+            raise UserError(f"task.two_phase_epochs must be >= 0, got {two_phase_epochs}", "task.two_phase_epochs")
+        self.two_phase_epochs, self.in_phase_two = two_phase_epochs, False
         self.volume_eval, self.volume_tile = volume_eval, volume_tile
         self.clean_up = dict(clean_up) if clean_up is not None else None
         self.crf = dict(crf) if crf is not None else None
@@ -160,6 +183,49 @@ class VolumetricSegmentationTask(BaseTask):
                 to_uint8(shown[top:top + h, left:left + w]), colourise(labels[i, z], self.palette),
                 colourise(predictions[i, z], self.palette))
         return samples
+
+    # -- two-phase training (Havaei et al. 2017) --------------------------------------------------
+    def _phase_two_start(self) -> int:
+        max_epochs = self.trainer.max_epochs
+        if max_epochs is None or max_epochs <= self.two_phase_epochs:
+            raise UserError(f"task.two_phase_epochs={self.two_phase_epochs} leaves no first phase in "
+                            f"trainer.max_epochs={max_epochs}", "task.two_phase_epochs",
+                            "give fewer second-phase epochs than trainer.max_epochs")
+        return max_epochs - self.two_phase_epochs
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if not self.two_phase_epochs:
+            return
+        datamodule = self.trainer.datamodule
+        if not hasattr(datamodule, "sample_naturally_from"):
+            raise UserError(f"two-phase training needs a data module that can draw patches from the true label "
+                            f"distribution; {type(datamodule).__name__} cannot", "task.two_phase_epochs",
+                            "use data=brats (BraTS or phantom cases) or task.two_phase_epochs=0")
+        datamodule.sample_naturally_from(self._phase_two_start())
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        if self.two_phase_epochs and not self.in_phase_two and self.current_epoch >= self._phase_two_start():
+            self.enter_phase_two()
+
+    def enter_phase_two(self) -> None:
+        """Freeze everything but the output layer (the optimiser skips parameters without gradients)."""
+        trained = {id(p) for layer in output_layers(self.model) for p in layer.parameters()}
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(id(parameter) in trained)
+        self.in_phase_two = True
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> VolumetricSegmentationTask:
+        """In the second phase the frozen layers stay in eval mode: their BatchNorm statistics and
+        dropout must not move, only the output layer learns."""
+        super().train(mode)
+        if mode and self.in_phase_two:
+            self.model.eval()
+            for layer in output_layers(self.model):
+                layer.train()
+        return self
 
     # -- whole-volume evaluation -------------------------------------------------------------------
     def on_validation_epoch_end(self) -> None:

@@ -10,6 +10,7 @@ patch per voxel.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 
@@ -105,7 +106,8 @@ def per_voxel_probabilities(model: nn.Module, image: np.ndarray, centres: np.nda
         ``[N, K]`` float32 probabilities.
     """
     model.eval()
-    geometry = geometry_of(model, image.shape[0])
+    # One voxel per patch, whatever segment the net trains on.
+    geometry = dataclasses.replace(geometry_of(model, image.shape[0]), label_size=1)
     padded = pad_image(image, geometry.margin)
     # The cheapest patch cut (context patches as slices of a pooled copy), as in training.
     pooled = geometry.pooled(padded)
