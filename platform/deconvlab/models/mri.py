@@ -277,11 +277,25 @@ def _centre_crop(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return x[(..., *(slice(a, a + t) for a, t in zip(starts, shape, strict=True)))]
 
 
+class _CascadeOfTwo(nn.Module):
+    """What Havaei's cascades share: a patch as wide as the cascade's margin needs, and the second net's
+    classifier as the output layer (two-phase training re-trains only that one)."""
+
+    second: nn.Module
+
+    @property
+    def patch_size(self) -> int:
+        return 2 * self.margin + 1
+
+    def output_layers(self) -> list[nn.Module]:
+        return self.second.output_layers()
+
+
 # ------------------------------------------------------------------------------------ multiple networks
 @register_model("cascade_deepmedic", "volumetric", example_shape=(2, 19, 19, 19),
                 tiny_kwargs={"in_channels": 2, "num_classes": 5, "first_widths": [4, 4], "second_widths": [4, 4],
                              "fc_width": 8})
-class CascadeCNN3d(nn.Module):
+class CascadeCNN3d(_CascadeOfTwo):
     """Havaei et al. 2017's input cascade on DeepMedic-like nets: the first net's class probabilities
     at every voxel of the second net's normal patch join the modalities as extra input channels of the
     second net's normal pathway (its context pathway reads the modalities only). Trained end to end.
@@ -315,12 +329,6 @@ class CascadeCNN3d(nn.Module):
         """The first net's margin around the second's normal patch, or the second's context margin."""
         return max(self.first.margin + self.second.num_layers, self.second.margin)
 
-    @property
-    def patch_size(self) -> int:
-        return 2 * self.margin + 1
-
-    def output_layers(self) -> list[nn.Module]:
-        return self.second.output_layers()
 
     def dense_logits(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, D, H, W]`` -> ``[B, K, D-2m, H-2m, W-2m]`` (m = margin)."""
@@ -396,7 +404,7 @@ class SegmentDeepMedic(nn.Module):
         return _squeeze_centre(self.dense_logits(x))
 
 
-class TwoPathCascade(nn.Module):
+class TwoPathCascade(_CascadeOfTwo):
     """Havaei et al. 2017's cascades of two TwoPathCNNs: the first net's class probabilities, over the
     voxels the second net needs them at, join the second net at its input (InputCascadeCNN), after the
     first block of its local pathway (LocalCascadeCNN) or right before its output layer (MFCascadeCNN,
@@ -436,12 +444,6 @@ class TwoPathCascade(nn.Module):
         m1, m2 = self.first.margin, self.second.margin
         return max(m1 + m2 - self.offset, self.offset + m1 + m2 - self.shrink)
 
-    @property
-    def patch_size(self) -> int:
-        return 2 * self.margin + 1
-
-    def output_layers(self) -> list[nn.Module]:
-        return self.second.output_layers()
 
     def dense_logits(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W]`` -> ``[B, K, H-2m, W-2m]`` (m = margin)."""
