@@ -29,6 +29,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from unittest.mock import patch
 
 import numpy as np
 import torch
@@ -225,8 +226,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = set(args.rows.split(","))
     if rows - set(ROW_NAMES):
         parser.error(f"unknown rows {sorted(rows - set(ROW_NAMES))}; choose from {ROW_NAMES}")
-    os.environ.update({"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
-                       "NO_ALBUMENTATIONS_UPDATE": "1"})
+    # patch.dict puts the environment back afterwards: the suite calls main() in-process, and a later test
+    # must not inherit an output root inside this run's deleted temporary folder.
+    with patch.dict(os.environ, {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
+                                 "NO_ALBUMENTATIONS_UPDATE": "1"}):
+        return _run_checks(rows, args.epochs)
+
+
+def _run_checks(rows: set[str], epochs: int) -> int:
     if gpu():
         print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)
     else:
@@ -237,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.update({"MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}",
                            "DECONVLAB_ARTIFACT_ROOT": str(folder / "mlartifacts"),
                            "DECONVLAB_OUTPUT_ROOT": str(folder / "outputs")})
-        results = [run_row(name, check) for name, check in checks(rows, folder, args.epochs)]
+        results = [run_row(name, check) for name, check in checks(rows, folder, epochs)]
         import ray
 
         ray.shutdown()

@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.py: the prepared GPU check runs its CPU fallbacks where there is no GPU."""
 
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -42,7 +43,10 @@ def test_a_failing_check_is_a_row_with_its_error_and_a_gpu_only_one_says_why(mon
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
 def test_cpu_fallback_of_the_dense_mri_row(capsys):
+    environment = dict(os.environ)
     assert _gpu_check().main(["--rows", "mri"]) == 0
+    # In-process, its temporary output root must not outlive it (it broke a later test's multirun once).
+    assert dict(os.environ) == environment
     out = capsys.readouterr().out
     assert out.startswith("no GPU") and "1 checks, 0 failed" in out
     assert re.search(r"dense MRI GPU vs CPU +ok .* voxels/s \(no GPU: the CPU side only\)", out)
