@@ -161,7 +161,7 @@ def _run_dilated(blocks: nn.Sequential, x: torch.Tensor, dilation: int) -> torch
         # Training-mode BatchNorm takes batch statistics: the zero padding of the sub-lattice split
         # would enter them, so train through the dilated convolutions themselves. (Without padding the
         # split's outputs are exactly the dilated convolution's, so their statistics are too.)
-        return _dilated_reference(blocks, x, f)
+        return blocks(x, f)
     batch, channels, *size = x.shape
     out_size = [n - 2 * len(blocks) * f for n in size]
     lattice = [-(-n // f) for n in size]  # sub-lattice side, after padding the input to a multiple of f
@@ -173,11 +173,6 @@ def _run_dilated(blocks: nn.Sequential, x: torch.Tensor, dilation: int) -> torch
     y = y.reshape(batch, f, f, f, width, *inner).permute(0, 4, 5, 1, 6, 2, 7, 3)
     y = y.reshape(batch, width, *(q * f for q in inner))
     return y[:, :, :out_size[0], :out_size[1], :out_size[2]]
-
-
-def _dilated_reference(blocks: Pathway, x: torch.Tensor, dilation: int) -> torch.Tensor:
-    """The pathway with every convolution dilated by ``dilation``, computed directly (no padding)."""
-    return blocks(x, dilation)
 
 
 class DualPathwayCNN3d(nn.Module):

@@ -166,8 +166,9 @@ class MLflowSweepCallback(Callback):
         if not (self.restored and any(a.path == CONFIG_FILE for a in self.client.list_artifacts(run_id))):
             self.queue.call(run_id, self.client.log_text, run_id, text, CONFIG_FILE)
             tags = {CONFIG_SOURCE_TAG: source}
-            if self.git_commit():
-                tags["mlflow.source.git.commit"] = self.git_commit()
+            commit = self.git_commit()
+            if commit:
+                tags["mlflow.source.git.commit"] = commit
             tracking.log_params(self.queue, run_id, tracking.flatten(OmegaConf.create(text)), tags)
         self.configured.add(trial.trial_id)
 
