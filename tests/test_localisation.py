@@ -68,6 +68,22 @@ def test_localiser_boxes_stay_valid_with_extreme_weights_and_gradients_reach_the
     assert small.box_head.weight.grad.abs().sum() > 0
 
 
+def test_the_global_class_head_reads_its_own_pooled_features_not_the_box_heads_grid_layer():
+    torch.manual_seed(0)
+    model = Localiser(num_classes=3, width=1 / 16, hidden=16, grid=2, class_pooling="global").eval()
+    with torch.no_grad():
+        model.box_head.weight.normal_()  # it starts at zero: every box the centred half
+    x = torch.rand(2, 3, 40, 56)
+    logits, boxes = split_output(model(x))
+    with torch.no_grad():
+        model.fc[1].weight.zero_()  # the grid layer both heads read under class_pooling="grid"
+    changed_logits, changed_boxes = split_output(model(x))
+    torch.testing.assert_close(changed_logits, logits)
+    assert not torch.allclose(changed_boxes, boxes)
+    with pytest.raises(ValueError, match="model.class_pooling"):
+        Localiser(num_classes=3, class_pooling="avg")
+
+
 def test_box_metrics_on_hand_made_predictions():
     metric = BoxMetrics(ignore_index=9)
     true = torch.tensor([[0.0, 0, 0.5, 0.5], [0, 0, 1, 1], [0, 0, 0.5, 1], [0, 0, 1, 1]])
