@@ -272,10 +272,16 @@ def _assert_train_fails_cleanly_with_checkpoints(argv, capsys, tracking_uri, tmp
 
 
 # -- Ctrl-C ------------------------------------------------------------------------------------------------
+def _restore_ctrl_c() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli_process(args: list[str], cwd: Path) -> subprocess.Popen:
-    # Not started from a shell in the background, so SIGINT is not ignored: it arrives as Ctrl-C would.
+    # SIGINT must arrive as Ctrl-C at a terminal would. A child inherits ignored signals, and a shell ignores
+    # SIGINT for what it starts in the background (`.ci/run &` from a script): Python then never raises
+    # KeyboardInterrupt. So the child gets the default disposition back before it starts.
     return subprocess.Popen([sys.executable, "-m", "deconvlab.cli", *args], cwd=cwd, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_restore_ctrl_c)
 
 
 def _wait_for(condition, timeout_s: float, what: str) -> None:
