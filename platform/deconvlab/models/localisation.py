@@ -66,7 +66,7 @@ class Localiser(nn.Module):
         if class_pooling not in CLASS_POOLINGS:
             raise ValueError(f"class_pooling must be one of {CLASS_POOLINGS}, got {class_pooling!r} "
                              "(config key model.class_pooling)")
-        self.num_classes, self.grid, self.class_pooling = num_classes, grid, class_pooling
+        self.num_classes, self.grid = num_classes, grid
         self.encoder = VGG16(in_channels, width, batch_norm)
         channels, units = self.encoder.out_channels, scaled(hidden, width)
         self.fc = _hidden_layer(channels * grid * grid, units, dropout)
