@@ -6,7 +6,9 @@ the default contiguous layout, the whole network channels-last, the deconvolutio
 outlier network alone (on the deconvolution CNN's output). The four are timed in turn, ``--repeats``
 rounds, so a burst of load from other processes hits them alike; each figure is its median.
 
-    python benchmarks/xu_step.py [--repeats 6] [--threads 2] [--batch 16] [--crop 96]
+    python benchmarks/xu_step.py [--repeats 6] [--threads 2] [--batch 16] [--crop 96] [OVERRIDE ...]
+
+OVERRIDEs are Hydra overrides of the experiment (e.g. ``model.outlier.width=24``): to price a variant.
 
 Needs no data: the kernel comes from the experiment's degradation config, the batch is random.
 """
@@ -46,10 +48,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--crop", type=int, default=96)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the experiment")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = compose_config([f"experiment={EXPERIMENT}"])
+    cfg = compose_config([f"experiment={EXPERIMENT}", *args.overrides])
     contiguous, nhwc = build_task(cfg).model, model_to_channels_last(build_task(cfg).model)
     batch = torch.rand(args.batch, 1, args.crop, args.crop)
     restored = contiguous.deconv(batch).detach()
@@ -67,7 +70,7 @@ def main() -> None:
             times[name].append(timed(step))
     whole = statistics.median(times["whole network, contiguous"])
     print(f"{EXPERIMENT}: batch {args.batch} x 1 x {args.crop} x {args.crop}, {args.threads} threads, "
-          f"median of {args.repeats}")
+          f"median of {args.repeats}", *args.overrides)
     for name, values in times.items():
         median = statistics.median(values)
         print(f"{name:30s} {median:7.3f} s/step  {median / whole:6.2f} x the contiguous whole")

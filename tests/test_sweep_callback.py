@@ -136,14 +136,15 @@ def test_a_restored_callback_finds_its_trials_runs_again_and_a_fresh_one_does_no
 
 
 class RecordingClient:
-    """A store stand-in for TrackingQueue: records calls; the first log_batch waits until ``release``."""
+    """A store stand-in for TrackingQueue: records calls; the first log_batch waits until ``release``; a
+    batch of ``fail_run`` holding a param is refused."""
 
     def __init__(self, fail_run: str | None = None) -> None:
         self.calls, self.release, self.fail_run = [], threading.Event(), fail_run
 
     def log_batch(self, run_id, metrics=(), params=(), tags=()):
         self.release.wait(10)
-        if run_id == self.fail_run:
+        if run_id == self.fail_run and params:
             raise RuntimeError(f"store refused {run_id}")
         self.calls.append(("log_batch", run_id, len(metrics), len(params), len(tags)))
 
@@ -173,14 +174,19 @@ def test_the_tracking_queue_merges_what_waited_and_ends_a_run_after_its_data():
     assert queue.calls == 6
 
 
-def test_a_failed_write_is_raised_by_flush_and_the_other_runs_are_still_written():
+def test_a_failed_write_is_raised_by_flush_and_the_rest_is_still_written():
     client = RecordingClient(fail_run="bad")
     client.release.set()
     queue = TrackingQueue(client)
-    queue.log_batch("bad", metrics=[Metric("m", 1.0, 0, 1)])
+    # The refused batch (a param over 100 entities splits the run's writes in two calls) is followed by
+    # more of the same run: the metrics of its second call and its end must still be written.
+    queue.log_batch("bad", params=[Param(f"p{i}", "1") for i in range(101)])
+    queue.call("bad", lambda: client.calls.append(("call", "bad")))
+    queue.terminate("bad", "FAILED")
     queue.log_batch("good", metrics=[Metric("m", 1.0, 0, 1)])
     queue.terminate("good")
     with pytest.raises(RuntimeError, match="store refused bad"):
         queue.flush(timeout_s=10)
+    assert ("call", "bad") in client.calls and ("set_terminated", "bad", "FAILED") in client.calls
     assert ("set_terminated", "good", "FINISHED") in client.calls
     queue.flush(timeout_s=10)  # reported once

@@ -226,7 +226,7 @@ class TrackingQueue:
     the order is kept: a run is ended (:meth:`terminate`) only after everything queued before it is written.
 
     A write that fails is kept and raised by the next :meth:`flush` (nothing is dropped silently); the
-    writer then goes on with the other runs.
+    writer then goes on with that run's later writes (its end included) and the other runs.
 
     Args:
         client: the store's client (MLflow's clients may be shared between threads).
@@ -293,18 +293,20 @@ class TrackingQueue:
                 self._cond.notify_all()
 
     def _write_run(self, run_id: str, items: list) -> None:
-        try:
-            for kind, *content in _merged(items):
-                self.calls += 1
+        # Each write on its own: a batch the store refused must not keep the run's later data, or its end,
+        # from being written (the run would stay RUNNING for ever).
+        for kind, *content in _merged(items):
+            self.calls += 1
+            try:
                 if kind == "batch":
                     self.client.log_batch(run_id, metrics=content[0], params=content[1], tags=content[2])
                 elif kind == "call":
                     content[0](*content[1])
                 else:
                     self.client.set_terminated(run_id, content[0], end_time=content[1])
-        except Exception as exc:  # noqa: BLE001 - kept for flush() to raise in the driver
-            with self._cond:
-                self._errors.append(exc)
+            except Exception as exc:  # noqa: BLE001 - kept for flush() to raise in the driver
+                with self._cond:
+                    self._errors.append(exc)
 
 
 # Every queue not yet collected: what a sweep driver flushes before it reads its runs back.
