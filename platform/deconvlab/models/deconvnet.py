@@ -102,6 +102,17 @@ class DeconvNet(nn.Module):
         he_init(self)  # the encoder was already; the classifier keeps PyTorch's smaller default init
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
+    @torch.no_grad()
+    def init_class_prior(self, frequencies: torch.Tensor) -> None:
+        """Start the classifier at the class frequencies: zero weights, bias = log frequency.
+
+        From PyTorch's default start the net spends its first ~1,000 steps on shapes learning only that most
+        pixels are background (the 1x1 classifier's bias moves by the learning rate per step); started at the
+        prior, its first steps go to the objects (docs/results.md, DeconvNet).
+        """
+        nn.init.zeros_(self.classifier.weight)
+        self.classifier.bias.copy_(frequencies.to(self.classifier.bias).log())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.encoder(x, return_switches=self.unpool.mode == "switches")
         y = self.deconv_fc(self.fc(features.pool5))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from itertools import islice
 
 import numpy as np
 import torch
@@ -14,6 +15,8 @@ from deconvlab.boxes import BOX_METRIC_NAMES, BoxMetrics, box_scores, boxes_from
 from deconvlab.tasks.base import BaseTask, side_by_side, to_uint8
 
 CLASS_SCORE_NAMES = ("pixel_acc", "class_acc", "miou")
+# Training batches counted for a classifier's class-prior start: enough for the frequencies of a few % of pixels.
+PRIOR_BATCHES = 16
 
 
 def confusion_counts(predicted: torch.Tensor, target: torch.Tensor, num_classes: int,
@@ -142,6 +145,20 @@ def render_confusion(counts: np.ndarray) -> np.ndarray:
     return image
 
 
+def class_frequencies(batches: Iterable[dict[str, torch.Tensor]], num_classes: int,
+                      ignore_index: int | None = None) -> torch.Tensor:
+    """Each class's share of the labelled pixels of ``batches`` (their ``mask``), void excluded; every class
+    counts one pixel more than seen, so that a class absent from these batches keeps a finite log."""
+    counts = torch.ones(num_classes, dtype=torch.float64)
+    for batch in batches:
+        mask = batch["mask"].flatten()
+        valid = (mask >= 0) & (mask < num_classes)
+        if ignore_index is not None:
+            valid &= mask != ignore_index
+        counts += torch.bincount(mask[valid], minlength=num_classes).to(counts)
+    return (counts / counts.sum()).float()
+
+
 class SegmentationTask(BaseTask):
     """Per-pixel cross-entropy; pixel accuracy, mean class accuracy and mIoU, ignoring ``ignore_index``.
 
@@ -164,6 +181,10 @@ class SegmentationTask(BaseTask):
             ``box_classes`` (every class but the background for shapes).
         box_metrics: score the box around the largest predicted object region against each validation
             batch's box (``val/box_iou``, ``val/accuracy``, ``val/acc_iou50``); needs batches with boxes.
+        class_prior_init: before fitting, start the model's classifier at the class frequencies of the first
+            ``PRIOR_BATCHES`` training batches, if the model has an ``init_class_prior`` (DeconvNet); other
+            models keep their start. A resumed run's checkpoint overwrites it (Lightning restores weights
+            after ``setup``).
         **kwargs: see :class:`~deconvlab.tasks.base.BaseTask`.
     """
 
@@ -171,7 +192,8 @@ class SegmentationTask(BaseTask):
 
     def __init__(self, *args, num_classes: int, ignore_index: int = -100,
                  class_weights: Sequence[float] | None = None, palette: Sequence[Sequence[int]] | None = None,
-                 box_classes: Sequence[int] | None = None, box_metrics: bool = False, **kwargs) -> None:
+                 box_classes: Sequence[int] | None = None, box_metrics: bool = False,
+                 class_prior_init: bool = False, **kwargs) -> None:
         self.num_classes, self.ignore_index = num_classes, ignore_index
         kwargs.setdefault("monitor", "val/miou")
         kwargs.setdefault("monitor_mode", "max")
@@ -184,12 +206,16 @@ class SegmentationTask(BaseTask):
         self.box_classes = tuple(box_classes) if box_classes is not None else None
         self.box_metrics = box_metrics
         self.box_scores = BoxMetrics(ignore_index)
+        self.class_prior_init = class_prior_init and hasattr(self.model, "init_class_prior")
 
     def setup(self, stage: str) -> None:
         adopt_datamodule_palette(self)
         datamodule = getattr(self.trainer, "datamodule", None)
         if self.box_classes is None and getattr(datamodule, "box_classes", None) is not None:
             self.box_classes = tuple(datamodule.box_classes)
+        if self.class_prior_init and stage == "fit" and datamodule is not None:
+            self.model.init_class_prior(class_frequencies(islice(datamodule.train_dataloader(), PRIOR_BATCHES),
+                                                          self.num_classes, self.ignore_index))
 
     def build_metrics(self) -> MetricCollection:
         return MetricCollection({"scores": PresentClassScores(self.num_classes, self.ignore_index)})
