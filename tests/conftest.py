@@ -61,6 +61,23 @@ def compose(tracking_uri: str) -> Callable[..., DictConfig]:  # noqa: F821
     return _compose
 
 
+def fit_untracked(cfg: DictConfig, seed: int = 0):  # noqa: F821
+    """Fit the task of ``cfg`` on its data with a bare Lightning trainer (no logger, checkpoints or bar), for
+    the tests that a model learns on a small setting; returns ``(data, task, trainer)``."""
+    import pytorch_lightning as pl
+    from hydra.utils import instantiate
+
+    from deconvlab.build import build_task
+
+    pl.seed_everything(seed, verbose=False)
+    data, task = instantiate(cfg.data), build_task(cfg)
+    trainer = pl.Trainer(max_epochs=cfg.trainer.max_epochs, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0)
+    trainer.fit(task, datamodule=data)
+    return data, task, trainer
+
+
 def start_local_ray() -> None:
     """A 2-CPU local Ray for tests; reuses one a previous test (or run_sweep) left running in this process.
 

@@ -230,19 +230,11 @@ def test_draw_box_outlines_exactly_the_box_pixels():
 def test_the_localiser_names_the_shape_above_chance_on_a_small_setting(compose):
     # One object per 48x48 image; its class is its outline under a random colour. With 512 images the
     # class head stayed at chance for 20 epochs (docs/results.md): this fails if the class signal is lost.
-    import pytorch_lightning as pl
-    from hydra.utils import instantiate
+    from conftest import fit_untracked
 
-    from deconvlab.build import build_task
-
-    cfg = compose("experiment=localiser_shapes", "data.height=48", "data.width=48", "data.num_train=4096",
-                  "data.num_val=96", "trainer.max_epochs=6", tiny=False)
-    pl.seed_everything(0, verbose=False)
-    data, task = instantiate(cfg.data), build_task(cfg)
-    trainer = pl.Trainer(max_epochs=cfg.trainer.max_epochs, accelerator="cpu", logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0)
-    trainer.fit(task, datamodule=data)
+    data, task, trainer = fit_untracked(compose("experiment=localiser_shapes", "data.height=48", "data.width=48",
+                                                "data.num_train=4096", "data.num_val=96", "trainer.max_epochs=6",
+                                                tiny=False))
     scores = trainer.validate(task, datamodule=data, verbose=False)[0]
     val_set = data.val_dataloader().dataset
     labels = torch.stack([val_set[i]["box_label"] for i in range(len(val_set))])

@@ -409,18 +409,9 @@ def test_deconvnet_leaves_the_all_background_start_on_a_small_setting(compose):
     # From PyTorch's default start DeconvNet predicted background everywhere for its first ~900 steps on
     # shapes, its loss above the all-background one for ~200 (docs/results.md); from the class prior it marks
     # objects within 200. Fails if that start is lost.
-    import pytorch_lightning as pl
-    from hydra.utils import instantiate
+    from conftest import fit_untracked
 
-    from deconvlab.build import build_task
-
-    cfg = compose("experiment=deconvnet_shapes", "trainer.max_epochs=6", tiny=False)
-    pl.seed_everything(0, verbose=False)
-    data, task = instantiate(cfg.data), build_task(cfg)
-    trainer = pl.Trainer(max_epochs=cfg.trainer.max_epochs, accelerator="cpu", logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0)
-    trainer.fit(task, datamodule=data)
+    data, task, trainer = fit_untracked(compose("experiment=deconvnet_shapes", "trainer.max_epochs=6", tiny=False))
     scores = trainer.validate(task, datamodule=data, verbose=False)[0]
     masks = torch.cat([batch["mask"].flatten() for batch in data.val_dataloader()])
     shares = torch.bincount(masks, minlength=4).double() / len(masks)
