@@ -19,6 +19,14 @@ CLASS_SCORE_NAMES = ("pixel_acc", "class_acc", "miou")
 PRIOR_BATCHES = 16
 
 
+def labelled(target: torch.Tensor, num_classes: int, ignore_index: int | None = None) -> torch.Tensor:
+    """Where ``target`` holds a class: inside ``0..num_classes-1`` and not ``ignore_index`` (void)."""
+    valid = (target >= 0) & (target < num_classes)
+    if ignore_index is not None:
+        valid &= target != ignore_index
+    return valid
+
+
 def confusion_counts(predicted: torch.Tensor, target: torch.Tensor, num_classes: int,
                      ignore_index: int | None = None, per_item: bool = False) -> torch.Tensor:
     """Confusion counts (rows: true class, columns: predicted) of label maps, void pixels left out.
@@ -31,9 +39,7 @@ def confusion_counts(predicted: torch.Tensor, target: torch.Tensor, num_classes:
         per_item: one ``[K, K]`` matrix per batch item (``[B, K, K]``) instead of one for the batch.
     """
     k = num_classes
-    valid = (target >= 0) & (target < k)
-    if ignore_index is not None:
-        valid &= target != ignore_index
+    valid = labelled(target, k, ignore_index)
     cell = target.long() * k + predicted.long().clamp(0, k - 1)
     if not per_item:
         return torch.bincount(cell[valid], minlength=k * k).view(k, k)
@@ -152,10 +158,7 @@ def class_frequencies(batches: Iterable[dict[str, torch.Tensor]], num_classes: i
     counts = torch.ones(num_classes, dtype=torch.float64)
     for batch in batches:
         mask = batch["mask"].flatten()
-        valid = (mask >= 0) & (mask < num_classes)
-        if ignore_index is not None:
-            valid &= mask != ignore_index
-        counts += torch.bincount(mask[valid], minlength=num_classes).to(counts)
+        counts += torch.bincount(mask[labelled(mask, num_classes, ignore_index)], minlength=num_classes).to(counts)
     return (counts / counts.sum()).float()
 
 
