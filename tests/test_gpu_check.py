@@ -52,6 +52,7 @@ def test_cpu_fallback_of_the_dense_mri_row(capsys):
     assert re.search(r"dense MRI GPU vs CPU +ok .* voxels/s \(no GPU: the CPU side only\)", out)
 
 
+@pytest.mark.benchmark
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
 def test_cpu_fallback_of_every_row():

@@ -67,6 +67,7 @@ def test_the_driver_alone_loses_nothing_and_prints_the_last_line():
     assert last.group(1) == "6" and last.group(3) == "0" and int(last.group(2)) >= 6
 
 
+@pytest.mark.benchmark
 @pytest.mark.slow
 def test_quick_scale_run_loses_nothing_on_sqlite_and_a_postgres_backed_server():
     # 200 trials x 5 epochs under ASHA on 4 simulated nodes x 8 logical GPUs, through run_sweep (~4-9 min).
