@@ -21,16 +21,17 @@ quickstart: install
 # Two pytest workers: the suite waits on subprocesses, servers and Ray start-ups much of the time, so two
 # workers on 2 cores finish the fast tests in ~2/3 of the time (docs/benchmarks.md, "The test suite").
 TEST_WORKERS ?= 2
+PYTEST = $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 # What CI runs: everything but the benchmark scripts at their documented settings (make test-all runs those).
 test: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not benchmark"
+	$(PYTEST) -m "not benchmark"
 
 test-fast: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow and not benchmark"
+	$(PYTEST) -m "not slow and not benchmark"
 
 test-all: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+	$(PYTEST)
 
 # After upgrading a dependency in the venv: pin what is installed now (torch without its +cpu local label,
 # so the Docker image's CUDA build satisfies the same pin). Run make test before committing the result.

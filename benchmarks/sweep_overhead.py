@@ -7,14 +7,14 @@ Side by side in one run (absolute seconds are noisy on a shared machine; the rat
 2. one grid of configurations under FIFO and under ASHA: epochs of compute each spends, and whether
    ASHA's best trial reaches FIFO's best metric within a tolerance.
 
-``--long`` makes each trial last >= 30 s on one thread (512 training samples per epoch, 4 epochs: the
-back-to-back time per trial is printed, so the claim is checked, not assumed), where a sweep's fixed costs
-no longer dominate; its ASHA setting is the one a user of a 16-epoch quickstart-like sweep would pick,
+``--long`` makes each trial longer (512 training samples per epoch, 4 epochs: 14 s on one thread of
+this 2-core machine on 2026-12-04, ~30 s on a slower day; the back-to-back time per trial is printed, so the
+length is checked, not assumed), where a sweep's fixed costs weigh less; its ASHA setting is the one a user of a 16-epoch quickstart-like sweep would pick,
 ``grace_period 1, reduction_factor 3`` over ``max_t`` = ``--asha-epochs``: rungs at 1, 3 and 9 epochs, a
 third of the trials going on at each.
 
     python benchmarks/sweep_overhead.py [--trials 8] [--epochs 2] [--asha-epochs 6] [--smoke-test]
-    nice python benchmarks/sweep_overhead.py --long     # ~25 min on 2 idle cores
+    nice python benchmarks/sweep_overhead.py --long     # 4-5 min on 2 idle cores (2026-12-04)
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 TINY = ["data.samples_per_epoch=64", "data.max_eval_size=64", "trainer.enable_progress_bar=false"]
-# --long: ~8 s an epoch on one thread of a 2-core machine, so 4 epochs pass 30 s per trial.
+# --long: 3.5 s an epoch on one thread here on 2026-12-04 (8 s on a slower day): 14-30 s per trial.
 LONG = ["data.samples_per_epoch=512", "data.max_eval_size=64", "trainer.enable_progress_bar=false"]
 
 
