@@ -9,9 +9,9 @@ Side by side in one run (absolute seconds are noisy on a shared machine; the rat
 
 ``--long`` makes each trial longer (512 training samples per epoch, 4 epochs: 14 s on one thread of
 this 2-core machine on 2026-12-04, ~30 s on a slower day; the back-to-back time per trial is printed, so the
-length is checked, not assumed), where a sweep's fixed costs weigh less; its ASHA setting is the one a user of a 16-epoch quickstart-like sweep would pick,
-``grace_period 1, reduction_factor 3`` over ``max_t`` = ``--asha-epochs``: rungs at 1, 3 and 9 epochs, a
-third of the trials going on at each.
+length is checked, not assumed), where a sweep's fixed costs weigh less; its ASHA setting is the one a user
+of a 16-epoch quickstart-like sweep would pick, ``grace_period 1, reduction_factor 3`` over ``max_t`` =
+``--asha-epochs``: rungs at 1, 3 and 9 epochs, a third of the trials going on at each.
 
     python benchmarks/sweep_overhead.py [--trials 8] [--epochs 2] [--asha-epochs 6] [--smoke-test]
     nice python benchmarks/sweep_overhead.py --long     # 4-5 min on 2 idle cores (2026-12-04)
