@@ -18,10 +18,9 @@ $(BIN)/deconvlab: pyproject.toml constraints.txt
 quickstart: install
 	$(BIN)/deconvlab sweep quickstart
 
-# pytest workers (0 = one process). Two finish the fast tests in ~2/3 of the time on 2 cores, but under
-# them tests/test_promote.py's thread race failed once in 4 runs (docs/benchmarks.md, "The test suite"):
-# one process until that race is understood; `make test TEST_WORKERS=2` for the faster run.
-TEST_WORKERS ?= 0
+# pytest workers (0 = one process): two finish the fast tests in ~2/3 of the time on 2 cores
+# (docs/benchmarks.md, "The test suite").
+TEST_WORKERS ?= 2
 PYTEST = $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 # What CI runs: everything but the benchmark scripts at their documented settings (make test-all runs those).

@@ -22,6 +22,7 @@ from deconvlab.build import build_task
 from deconvlab.cli import main
 from deconvlab.config import compose_config
 from deconvlab.evaluate import evaluate
+from deconvlab.locks import HOLDER_TAG, TOKEN_TAG, is_lock_name, lock_name, registry_lock
 from deconvlab.promote import PREVIOUS_ALIAS, promote
 from deconvlab.runs import list_versions
 from deconvlab.sweep.runner import run_sweep
@@ -170,6 +171,27 @@ def test_racing_promotions_in_threads_leave_a_consistent_registry(sources):
         thread.join(timeout=120)
     assert not errors, errors
     _check_consistent(sources.client, "race-threads", runs)
+
+
+def test_a_lock_released_while_mlflow_reads_it_back_is_taken_at_once(tracking_uri, monkeypatch):
+    # MLflow's SQL store answers a taken name by reading the model back; the holder's release can land in
+    # between, and the create then fails "not found" (seen once in CI, 4 promotions racing in threads).
+    client = MlflowClient(tracking_uri)
+    lock = lock_name("handed-over")
+    client.create_registered_model(lock, tags={TOKEN_TAG: "holder", HOLDER_TAG: "a finishing promotion"})
+    store_class = type(client._get_registry_client().store)
+    read_back, released = store_class.get_registered_model, []
+
+    def released_just_before(store, name):
+        if name == lock and not released:
+            released.append(name)
+            store.delete_registered_model(name)
+        return read_back(store, name)
+
+    monkeypatch.setattr(store_class, "get_registered_model", released_just_before)
+    with registry_lock(client, "handed-over", timeout_s=5):
+        assert released and client.get_registered_model(lock).tags[TOKEN_TAG] != "holder"
+    assert not [m for m in client.search_registered_models() if is_lock_name(m.name)]
 
 
 def test_racing_promotions_in_two_processes_leave_a_consistent_registry(sources):

@@ -9,18 +9,23 @@ from __future__ import annotations
 import contextlib
 import errno
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 from mlflow.tracking import MlflowClient
 
 from conftest import TINY_TRAINER, write_phantom_case
 from deconvlab.cli import main
 from deconvlab.errors import DataError, MissingDataError, UserError
+from deconvlab.tracking import release_interrupted_reads, tracked_run
+from deconvlab.train import train
 
 QUICK = ["experiment=quickstart", "data.samples_per_epoch=32", "data.max_eval_size=32", *TINY_TRAINER]
 
@@ -317,6 +322,79 @@ def test_ctrl_c_during_train_ends_the_run_killed(tracking_uri, tmp_path):
     assert run.info.status == "KILLED" and "interrupted" in run.data.tags["error"]
     assert_nothing_left_behind(tracking_uri, tmp_path, complete_checkpoints=True)
 
+
+def _writes_blocked(database: Path) -> bool:
+    connection = sqlite3.connect(database, timeout=0.2)
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+        connection.execute("COMMIT")
+        return False
+    except sqlite3.OperationalError:
+        return True
+    finally:
+        connection.close()
+
+
+def _read_cut_short_by_ctrl_c(database: Path) -> None:
+    cursor = sqlite3.connect(database).execute("SELECT value FROM numbers")
+    cursor.fetchone()  # one row of several read: the statement is unfinished and holds the shared lock
+    raise KeyboardInterrupt
+
+
+def test_ctrl_c_in_the_middle_of_a_read_no_longer_locks_the_store(tmp_path):
+    database = tmp_path / "store.db"
+    with contextlib.closing(sqlite3.connect(database)) as connection, connection:
+        connection.execute("CREATE TABLE numbers (value)")
+        connection.executemany("INSERT INTO numbers VALUES (?)", [(i,) for i in range(10)])
+    try:
+        _read_cut_short_by_ctrl_c(database)
+    except KeyboardInterrupt as interrupt:
+        assert _writes_blocked(database)  # what left runs RUNNING: the traceback keeps the read alive
+        release_interrupted_reads(interrupt)
+        assert not _writes_blocked(database)
+        assert traceback.format_exception(interrupt)[-2].strip().endswith("raise KeyboardInterrupt")
+
+
+def test_any_other_error_keeps_its_frames(tmp_path):
+    def failing() -> None:
+        kept = "local"  # noqa: F841 - what a post-mortem debugger would show
+        raise ValueError("not an interrupt")
+
+    try:
+        failing()
+    except ValueError as error:
+        release_interrupted_reads(error)
+        assert error.__traceback__.tb_next.tb_frame.f_locals["kept"] == "local"
+
+
+def _store_read_cut_short_by_ctrl_c(client: MlflowClient) -> None:
+    # Through the pool of MLflow's own engine, the connection its writes then wait on.
+    unfinished = client._tracking_client.store.engine.connect().exec_driver_sql("SELECT name FROM sqlite_master")
+    unfinished.fetchone()
+    raise KeyboardInterrupt
+
+
+def test_a_run_interrupted_while_reading_the_store_ends_killed(tracking_uri):
+    client = MlflowClient(tracking_uri)
+    with pytest.raises(KeyboardInterrupt), tracked_run("interrupted-read", "r", tracking_uri) as (_, run_id):
+        _store_read_cut_short_by_ctrl_c(client)
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and "interrupted" in run.data.tags["error"]
+
+
+
+class _CtrlCWhileLightningReadsTheStore(pl.Callback):
+    def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
+        _store_read_cut_short_by_ctrl_c(trainer.logger.experiment)
+
+
+def test_ctrl_c_while_lightning_reads_the_store_ends_the_run_killed(compose, tracking_uri):
+    # Lightning ends its logger's run before train() sees the interrupt: that write must not wait on the read.
+    before = {r.info.run_id for r in all_runs(tracking_uri)}
+    with pytest.raises(SystemExit):
+        train(compose(*QUICK), callbacks=[_CtrlCWhileLightningReadsTheStore()])
+    (run,) = [r for r in all_runs(tracking_uri) if r.info.run_id not in before]
+    assert run.info.status == "KILLED" and "interrupted" in run.data.tags["error"]
 
 INTERRUPTED_SWEEP = """
 experiment: quickstart

@@ -15,7 +15,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.trainer.states import TrainerFn
 
 from deconvlab.macs import count_macs
-from deconvlab.tracking import log_images, save_images
+from deconvlab.tracking import log_images, release_interrupted_reads, save_images
 
 
 class SampleImages(pl.Callback):
@@ -52,6 +52,14 @@ class EpochLog(pl.Callback):
         values = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
         shown = " ".join(f"{k}={v:.6g}" for k, v in sorted(values.items()) if not math.isnan(v))
         logging.getLogger(RUN_LOGGER).info("epoch %d: %s", trainer.current_epoch, shown)
+
+
+class ReleaseInterruptedReads(pl.Callback):
+    """On Ctrl-C, frees the store read it cut short before Lightning's loggers end the run (Lightning calls
+    callbacks' ``on_exception`` first): see :func:`deconvlab.tracking.release_interrupted_reads`."""
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        release_interrupted_reads(exception)
 
 
 class LearningRateLog(pl.Callback):

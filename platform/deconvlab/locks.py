@@ -105,7 +105,9 @@ def _acquire(client: MlflowClient, lock: str, token: str, timeout_s: float, leas
                                            description="deconvlab promotion lock: deleted when the promotion ends")
             return
         except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            # MLflow's SQL store answers a taken name by reading that model back for its message: when the
+            # holder released in between, the create fails "not found" instead. Both mean: look and retry.
+            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
         state = _lock_state(client, lock)
         if state is None:

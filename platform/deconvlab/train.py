@@ -30,7 +30,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 from deconvlab import cost, tracking
 from deconvlab.access import redact
 from deconvlab.build import build_callbacks, build_datamodule, build_task, build_trainer, checkpoint_model_weights
-from deconvlab.callbacks import RUN_LOGGER, EpochLog, training_compute
+from deconvlab.callbacks import RUN_LOGGER, EpochLog, ReleaseInterruptedReads, training_compute
 from deconvlab.config import compose_config, config_groups
 from deconvlab.errors import UserError, first_line
 from deconvlab.perf import apply_perf
@@ -210,8 +210,8 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (),
     output_dir = checked_output_dir(cfg)  # a run name that would put outputs outside paths.root_dir
     with _tracked(cfg, tags or {}) as (client, run_id), run_files(cfg, output_dir, run_id) as log:
         loggers = [MLFlowLogger(tracking_uri=client.tracking_uri, run_id=run_id)] if run_id else []
-        trainer, checkpoint = build_trainer(cfg, task, [*chosen_callbacks, *callbacks, EpochLog()], loggers,
-                                            trainer_overrides)
+        all_callbacks = [*chosen_callbacks, *callbacks, EpochLog(), ReleaseInterruptedReads()]
+        trainer, checkpoint = build_trainer(cfg, task, all_callbacks, loggers, trainer_overrides)
         best = _fit_or_evaluate(trainer, task, datamodule, cfg.get("ckpt_path"), checkpoint)
         metrics = {**_scalar_metrics(trainer), **training_compute(trainer)}
         score = checkpoint.best_model_score if checkpoint.best_model_score is not None else metrics.get(task.monitor)
