@@ -194,7 +194,7 @@ def release_interrupted_reads(exc: BaseException) -> None:
     from the traceback's frames. SQLAlchemy closes the connection, but the unfinished statement keeps the
     database's shared lock, so every later write (the run's end) waits out MLflow's 20 s busy timeout and
     fails with "database is locked": the run stays RUNNING. On this machine 39 of 100 interrupts of a
-    ``log_batch``/``get_run`` loop left the lock held; with the finished frames cleared, 0 of 450 (their
+    ``log_batch``/``get_run`` loop left the lock held; with the finished frames cleared, 1 of 600 (their
     locals go; the traceback keeps its lines). Does nothing for any other exception.
     """
     if not was_interrupted(exc):
