@@ -379,7 +379,7 @@ def drive_callback(backend: str, uri: str, folder: Path, sweep: Path, args: argp
                     running.remove(trial)
         callback.flush()
         fed = time.time()
-        finish_sweep(client, experiment_id, parent_id, spec.metric, uri)
+        finish_sweep(client, experiment_id, parent_id, spec.metric, uri, callback.logged)
     end_ms = client.get_run(parent_id).info.end_time
     lost, examples = count_lost(uri, parent_id, reported, args.trials)
     results = sum(len(e) for e in reported.values())

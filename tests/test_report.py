@@ -18,7 +18,8 @@ from deconvlab import cost, tracking
 from deconvlab.cli import main
 from deconvlab.config import compose_config
 from deconvlab.sweep.leaderboard import pareto_front
-from deconvlab.sweep.report import write_report
+from deconvlab.sweep.records import DriverLog
+from deconvlab.sweep.report import load_report, write_report
 from deconvlab.sweep.views import log_sweep_views
 
 
@@ -153,6 +154,27 @@ def test_trial_costs_build_each_distinct_model_once(tracked_sweep, monkeypatch):
     assert sorted(built) == [4, 6]
     assert costs[runs[0]] == costs[runs[1]] and costs[runs[0]].params == _hand_params(4, 3)
     assert costs[runs[2]].params == _hand_params(6, 3)
+
+
+def test_with_the_driver_log_the_views_read_no_config_or_curve_back(tracked_sweep, tmp_path, monkeypatch):
+    client, parent, table = tracked_sweep
+    logged = DriverLog()
+    for run_id in table["mlflow_run"]:
+        logged.add_run(run_id)
+        logged.configs[run_id] = open(client.download_artifacts(run_id, "config.yaml", str(tmp_path))).read()
+        for point in client.get_metric_history(run_id, "val/psnr"):
+            logged.add_point(run_id, "val/psnr", point.step, point.value)
+
+    def no_reading_back(*args, **kwargs):
+        raise AssertionError("read back from the store what the driver logged")
+
+    monkeypatch.setattr(MlflowClient, "get_metric_history", no_reading_back)
+    monkeypatch.setattr(cost, "run_config", no_reading_back)
+    runs = list(table["mlflow_run"])
+    costs = cost.trial_costs(client, runs, log=False, configs=logged.configs)  # log=False: the module's store
+    assert [costs[r].params for r in runs] == list(table["params"])  # stays as the other tests expect it
+    report = load_report(client, client.get_run(parent), logged=logged)
+    assert "curves.png" in report.plots and report.table["trial"].tolist() == table["trial"].tolist()
 
 
 def test_sweep_views_log_costs_plots_and_best_samples(tracked_sweep):

@@ -62,6 +62,35 @@ def test_a_trial_without_a_checkpoint_gets_a_recomposed_config_that_says_so(call
     assert "width: 16" in open(config).read()
 
 
+def test_the_driver_log_holds_what_the_store_holds_and_is_not_pickled(callback, tmp_path):
+    # The end of the sweep takes configs and curves from the driver's log instead of reading them back: they
+    # must be what the store holds, point for point.
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("model:\n  width: 8\noptim:\n  lr: 0.001\n")
+    ran = SimpleNamespace(trial_id="t_ran", config={"optim.lr": 1e-3}, checkpoint=None)
+    failed = SimpleNamespace(trial_id="t_failed", config={"optim.lr": 1e-3, "model.width": 16}, checkpoint=None)
+    for epoch, psnr in ((1, 21.5), (2, float("nan")), (3, 23.25)):  # a NaN is neither logged nor kept
+        callback.on_trial_result(0, [], ran, {"epoch": epoch, "val/psnr": psnr, "compute/train_macs": 1e9 * epoch,
+                                              "train/loss": 0.1})
+        callback.on_checkpoint(0, [], ran, Checkpoint.from_directory(str(folder)))
+    callback.on_trial_complete(0, [], ran)
+    callback.on_trial_start(0, [], failed)
+    callback.on_trial_error(0, [], failed)
+    callback.on_experiment_end([])
+    client, logged = callback.client, callback.logged
+    for run_id in callback.run_ids.values():
+        for key in ("val/psnr", "compute/train_macs"):
+            stored = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+            assert logged.history(run_id, key) == stored
+        stored_config = client.download_artifacts(run_id, "config.yaml", str(tmp_path / run_id))
+        assert logged.configs[run_id] == open(stored_config).read()
+    assert logged.history(callback.run_ids["t_ran"], "val/psnr") == [(1, 21.5), (3, 23.25)]
+    assert logged.history(callback.run_ids["t_failed"], "val/psnr") == []
+    assert logged.history("a-run-the-driver-did-not-create", "val/psnr") is None
+    assert pickle.loads(pickle.dumps(callback)).logged is None  # a restored driver saw only part of the sweep
+
+
 class CountingClient(MlflowClient):
     """An MlflowClient that records which of its store calls ran on which thread."""
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,9 +185,8 @@ def config_cost(cfg: DictConfig, repeats: int = 5, example: torch.Tensor | None 
 
 
 # -- a sweep's trials ------------------------------------------------------------------------------------
-def _measure_trial(client: MlflowClient, run_id: str, examples: dict[str, torch.Tensor],
+def _measure_trial(cfg: DictConfig, examples: dict[str, torch.Tensor],
                    measured: dict[tuple[str, str, str], tuple[ModelCost, nn.Module]]) -> tuple[ModelCost, nn.Module]:
-    cfg = run_config(client, run_id)
     # Trials of one sweep usually share their data config: load its first input once.
     key = OmegaConf.to_yaml(cfg.data, resolve=True)
     # ... and most share their model with other trials (they differ in optimiser settings or seed): build and
@@ -205,11 +205,16 @@ def _measure_trial(client: MlflowClient, run_id: str, examples: dict[str, torch.
     return measured[model_key]
 
 
-def trial_costs(client: MlflowClient, run_ids: list[str], log: bool = True) -> dict[str, ModelCost | None]:
+def trial_costs(client: MlflowClient, run_ids: list[str], log: bool = True,
+                configs: Mapping[str, str] | None = None) -> dict[str, ModelCost | None]:
     """Measure every trial's model from its logged ``config.yaml``; log ``cost/*`` metrics to its run.
 
     A trial whose model cannot be built here gets None and an explanatory tag: costs are a view of a
     finished sweep, never a reason to fail it.
+
+    Args:
+        configs: the ``config.yaml`` texts the caller has (the sweep driver logged them): those runs' files
+            are not downloaded again.
     """
     costs: dict[str, ModelCost | None] = {}
     examples: dict[str, torch.Tensor] = {}
@@ -217,7 +222,9 @@ def trial_costs(client: MlflowClient, run_ids: list[str], log: bool = True) -> d
     torch.manual_seed(0)
     for run_id in progress(run_ids, f"measuring the cost of {len(run_ids)} trials"):
         try:
-            cost, model = _measure_trial(client, run_id, examples, measured)
+            known = (configs or {}).get(run_id)
+            cfg = OmegaConf.create(known) if known is not None else run_config(client, run_id)
+            cost, model = _measure_trial(cfg, examples, measured)
         except Exception as exc:  # noqa: BLE001 - any model/config error: record it, keep the sweep
             costs[run_id] = None
             if log:

@@ -33,7 +33,15 @@ from ray.tune import Callback, Checkpoint
 
 from deconvlab import tracking
 from deconvlab.errors import UserError
-from deconvlab.sweep.records import EPOCHS_TAG, SAMPLES_DIR, STOP_REASON_TAG, TRIAL_TAG, child_runs
+from deconvlab.sweep.records import (
+    COMPUTE_KEY,
+    EPOCHS_TAG,
+    SAMPLES_DIR,
+    STOP_REASON_TAG,
+    TRIAL_TAG,
+    DriverLog,
+    child_runs,
+)
 from deconvlab.sweep.spec import trial_config
 from deconvlab.sweep.trial_callbacks import CHECKPOINT_FILE, CONFIG_FILE, EPOCH_KEY, NODE_KEY
 
@@ -87,10 +95,13 @@ class MLflowSweepCallback(Callback):
         # skips looking for it (a search per trial, the slowest call against a busy store).
         self.restored = False
         self._commit: tuple[str | None] | None = None
+        # What this driver logged, for the end of the sweep (None in a restored callback: it saw only part).
+        self.logged: DriverLog | None = DriverLog()
 
     def __getstate__(self) -> dict[str, Any]:
-        # Ray pickles callbacks into its experiment state; a client with open connections does not pickle.
-        return {**self.__dict__, "_client": None, "_queue": None}
+        # Ray pickles callbacks into its experiment state; a client with open connections does not pickle,
+        # and the driver's log (every config and curve) would grow each 2 s snapshot with the sweep.
+        return {**self.__dict__, "_client": None, "_queue": None, "logged": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -151,6 +162,8 @@ class MLflowSweepCallback(Callback):
                                      tags=self.child_tags(trial))
         run_id = run.info.run_id
         tracking.log_params(self.queue, run_id, {f"sampled.{k}": str(v) for k, v in trial.config.items()})
+        if self.logged is not None:
+            self.logged.add_run(run_id)
         return run_id
 
     def _log_config(self, trial, text: str | None, source: str) -> None:
@@ -165,6 +178,8 @@ class MLflowSweepCallback(Callback):
         # A restored driver may not remember that it logged the config (its state is a snapshot).
         if not (self.restored and any(a.path == CONFIG_FILE for a in self.client.list_artifacts(run_id))):
             self.queue.call(run_id, self.client.log_text, run_id, text, CONFIG_FILE)
+            if self.logged is not None:
+                self.logged.configs[run_id] = text
             tags = {CONFIG_SOURCE_TAG: source}
             commit = self.git_commit()
             if commit:
@@ -192,6 +207,10 @@ class MLflowSweepCallback(Callback):
         # Queued: the metrics, and the node tag when the trial reached a new node.
         self.queue.log_batch(run_id, metrics=[Metric(k, v, now, epoch) for k, v in metrics.items()],
                               tags=self._node_tags(trial.trial_id, result.get(NODE_KEY)))
+        if self.logged is not None:
+            for key in (self.metric, COMPUTE_KEY):  # the curves the sweep's plots draw
+                if key in metrics:
+                    self.logged.add_point(run_id, key, epoch, metrics[key])
         self.last_epoch[trial.trial_id] = epoch
         if result.get("done") and epoch < self.max_epochs:
             # Tune marks the result a scheduler (or stopper) stops a trial at as done; a trial that ends

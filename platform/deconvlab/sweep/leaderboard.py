@@ -25,6 +25,7 @@ from deconvlab.sweep.records import (
     EPOCHS_TAG,
     STOP_REASON_TAG,
     TRIAL_TAG,
+    DriverLog,
     child_runs,
 )
 
@@ -227,11 +228,16 @@ def with_costs(client: MlflowClient, table: pd.DataFrame, measure: CostMeasurer 
     return order_cost_columns(table)
 
 
-def metric_histories(client: MlflowClient, table: pd.DataFrame,
-                     metric: str) -> dict[str, list[tuple[int, float]]]:
-    """(epoch, value) of ``metric`` for every trial of the leaderboard."""
-    return {row.trial: [(m.step, m.value) for m in client.get_metric_history(row.mlflow_run, metric)]
-            for row in table.itertuples()}
+def metric_histories(client: MlflowClient, table: pd.DataFrame, metric: str,
+                     logged: DriverLog | None = None) -> dict[str, list[tuple[int, float]]]:
+    """(epoch, value) of ``metric`` for every trial of the leaderboard: from ``logged`` (what the sweep's
+    driver wrote) where it knows the trial's run, else read from the store, a round trip per trial."""
+    histories = {}
+    for row in table.itertuples():
+        known = logged.history(row.mlflow_run, metric) if logged is not None else None
+        histories[row.trial] = known if known is not None else \
+            [(m.step, m.value) for m in client.get_metric_history(row.mlflow_run, metric)]
+    return histories
 
 
 def cost_axes(table: pd.DataFrame) -> list[str]:

@@ -26,8 +26,6 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from deconvlab.sweep.leaderboard import cost_axes, pareto_front, seed_stats
 
 DPI = 120
-# What each trial logs per epoch: its cumulative training multiply-accumulates so far.
-COMPUTE_KEY = "compute/train_macs"
 History = dict[str, list[tuple[int, float]]]
 
 

@@ -8,6 +8,8 @@ or Ray (about 4 s of a 6 s report on a 2-core machine). The writers (:mod:`.chil
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from mlflow.tracking import MlflowClient
 
 # Tags of a trial's child run.
@@ -22,6 +24,8 @@ SAMPLES_DIR = "samples"
 # they become ("params" comes from the trained model's own model/num_params metric). "MACs/px" is per
 # labelled output pixel.
 COST_COLUMNS = {"cost/macs_per_pixel": "MACs/px", "cost/latency_ms": "latency ms"}
+# What each trial logs per epoch: its cumulative training multiply-accumulates so far.
+COMPUTE_KEY = "compute/train_macs"
 
 
 def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str, status: str | None = None) -> list:
@@ -30,3 +34,30 @@ def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str, sta
     if status:
         query += f" and attributes.status = '{status}'"
     return client.search_runs([experiment_id], query, max_results=10_000)
+
+
+@dataclass
+class DriverLog:
+    """What the sweep driver wrote to its trials' runs, kept in memory so that the end of the sweep does not
+    read it back: each trial's ``config.yaml`` (for its cost) and its curves (for the plots), one to three
+    round trips per trial otherwise, most of a large sweep's end.
+
+    Only the driver that wrote everything may pass it on: a resumed sweep's driver saw part of the results.
+    """
+
+    configs: dict[str, str] = field(default_factory=dict)  # run id -> the config.yaml text logged
+    histories: dict[str, dict[str, list[tuple[int, float]]]] = field(default_factory=dict)  # run id -> key -> points
+
+    def add_run(self, run_id: str) -> None:
+        """A run the driver created: from now on every point of it goes through :meth:`add_point`."""
+        self.histories.setdefault(run_id, {})
+
+    def add_point(self, run_id: str, key: str, step: int, value: float) -> None:
+        self.histories[run_id].setdefault(key, []).append((step, value))
+
+    def history(self, run_id: str, key: str) -> list[tuple[int, float]] | None:
+        """The ``(step, value)`` points logged for ``key`` (empty: none), or None for a run the driver did not
+        create."""
+        if run_id not in self.histories:
+            return None
+        return list(self.histories[run_id].get(key, []))

@@ -33,8 +33,8 @@ from deconvlab.sweep.leaderboard import (
     pareto_front,
     with_costs,
 )
-from deconvlab.sweep.plots import COMPUTE_KEY, plot_titles, render_plots
-from deconvlab.sweep.records import SAMPLES_DIR
+from deconvlab.sweep.plots import plot_titles, render_plots
+from deconvlab.sweep.records import COMPUTE_KEY, SAMPLES_DIR, DriverLog
 
 # How many epochs of the best trial's samples the report shows (first, ..., last).
 MAX_SAMPLE_EPOCHS = 3
@@ -146,19 +146,21 @@ def best_samples(client: MlflowClient, run_id: str,
     return samples
 
 
-def _plots(client: MlflowClient, report: SweepReport) -> dict[str, tuple[str, bytes]]:
+def _plots(client: MlflowClient, report: SweepReport, logged: DriverLog | None) -> dict[str, tuple[str, bytes]]:
     """Every plot of :func:`~.plots.plot_titles` the sweep has data for, as PNG files."""
     titles = plot_titles(report.metric)
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder)
-        histories = metric_histories(client, report.trials, report.metric)
-        compute = metric_histories(client, report.trials, COMPUTE_KEY)  # none for runs from before it existed
+        histories = metric_histories(client, report.trials, report.metric, logged)
+        # None for runs from before compute was logged.
+        compute = metric_histories(client, report.trials, COMPUTE_KEY, logged)
         names = render_plots(report.table, report.trials, histories, compute, report.metric, report.mode,
                              report.hyperparameters, out, log_scaled_keys(report.parent.data.params))
         return {name: (titles[name], (out / name).read_bytes()) for name in names}
 
 
-def load_report(client: MlflowClient, parent, measure_costs: CostMeasurer | None = None) -> SweepReport:
+def load_report(client: MlflowClient, parent, measure_costs: CostMeasurer | None = None,
+                logged: DriverLog | None = None) -> SweepReport:
     """Read a sweep's leaderboard, costs, histories and best samples from MLflow and render its plots.
 
     Args:
@@ -166,6 +168,7 @@ def load_report(client: MlflowClient, parent, measure_costs: CostMeasurer | None
         parent: the sweep's parent run.
         measure_costs: measures the trials' costs when none of them has cost metrics (a sweep that ran
             before the driver logged them); None leaves the cost columns and the Pareto plot out.
+        logged: what the sweep's driver wrote (at the end of its sweep): the curves it knows are not read back.
     """
     metric, mode, hyperparameters, repeats = _sweep_settings(parent)
     trials = build_trials(client, parent.info.experiment_id, parent.info.run_id, metric, mode)
@@ -174,7 +177,7 @@ def load_report(client: MlflowClient, parent, measure_costs: CostMeasurer | None
                          trials, repeats)
     if report.best_run_id is None:
         return report
-    report.plots = _plots(client, report)
+    report.plots = _plots(client, report, logged)
     report.samples = best_samples(client, report.best_run_id)
     report.best_config = _artifact_text(client, report.best_run_id, CONFIG_FILE)
     return report

@@ -25,6 +25,7 @@ from deconvlab.config import compose_config
 from deconvlab.errors import UserError, first_line
 from deconvlab.sweep.child_runs import close_open_children
 from deconvlab.sweep.progress import TrialProgressLines
+from deconvlab.sweep.records import DriverLog
 from deconvlab.sweep.repeats import RepeatsSweepCallback, param_space, search_settings
 from deconvlab.sweep.spec import SweepSpec, load_sweep, validate
 from deconvlab.sweep.trial import run_trial
@@ -209,10 +210,13 @@ def _record_best(client: MlflowClient, run_id: str, table: pd.DataFrame, metric:
                 client.log_metric(run_id, key, value)
 
 
-def finish_sweep(client: MlflowClient, experiment_id: str, parent_id: str, metric: str,
-                 uri: str) -> tuple[pd.DataFrame, str | None, SweepLinks]:
+def finish_sweep(client: MlflowClient, experiment_id: str, parent_id: str, metric: str, uri: str,
+                 logged: DriverLog | None = None) -> tuple[pd.DataFrame, str | None, SweepLinks]:
     """What the driver records once the trials are done, before the parent run ends: the leaderboard and its
     views, the best trial, the UI view.
+
+    Args:
+        logged: what this driver wrote to the trials' runs, when it wrote all of it (not a resumed sweep).
 
     Returns:
         The leaderboard, the best trial's before/after image (or None) and the UI links.
@@ -223,7 +227,7 @@ def finish_sweep(client: MlflowClient, experiment_id: str, parent_id: str, metri
     # Trials Ray gave up on (e.g. a lost node past max_failures) must not stay RUNNING.
     close_open_children(client, experiment_id, parent_id, "FAILED")
     # Trial costs, the leaderboard (CSV/HTML/PNG), curves and other plots, best samples, report.html.
-    table = log_sweep_views(client, parent_id)
+    table = log_sweep_views(client, parent_id, logged)
     _record_best(client, parent_id, table, metric)
     sample = best_sample_image(client, parent_id)
     return table, sample, publish_sweep_view(client, parent_id, ui_url_for(uri))
@@ -344,7 +348,9 @@ def run_sweep(name_or_path: str, overrides: Sequence[str] = (), address: str | N
                 tracking.flush_queues(timeout_s=60)
             close_open_children(client, experiment_id, parent_id, tracking.status_for(exc))
             raise
-        table, sample, links = finish_sweep(client, experiment_id, parent_id, spec.metric, uri)
+        # A resumed sweep's results went to Ray's restored copy of the callback, some to the earlier driver.
+        logged = None if restore_path else callback.logged
+        table, sample, links = finish_sweep(client, experiment_id, parent_id, spec.metric, uri, logged)
     if not quiet:
         print_leaderboard(table, spec.name, spec.metric, spec.mode)
         served = uri.startswith(("http://", "https://"))  # a server has its UI; a local store needs one started

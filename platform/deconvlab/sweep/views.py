@@ -37,7 +37,7 @@ from deconvlab.cost import trial_costs
 from deconvlab.promote import config_stat_key
 from deconvlab.sweep.leaderboard import STAT_COLUMNS
 from deconvlab.sweep.plots import render_table
-from deconvlab.sweep.records import SAMPLES_DIR, child_runs
+from deconvlab.sweep.records import SAMPLES_DIR, DriverLog, child_runs
 from deconvlab.sweep.report import SweepReport, load_report, render_html, statistics_note
 
 LEADERBOARD_DIR = "leaderboard"
@@ -45,12 +45,14 @@ BEST_SAMPLES_DIR = f"best_trial/{SAMPLES_DIR}"
 REPORT_FILE = "report.html"
 
 
-def log_sweep_views(client: MlflowClient, parent_run_id: str) -> pd.DataFrame:
+def log_sweep_views(client: MlflowClient, parent_run_id: str, logged: DriverLog | None = None) -> pd.DataFrame:
     """Measure and log every trial's cost, then log every view of the sweep to its parent run.
 
     Args:
         client: a client of the sweep's tracking store.
         parent_run_id: the sweep's parent run (its params name the sweep, metric, mode and search space).
+        logged: what the sweep's driver wrote to the trials' runs (configs, curves), so as not to read it back;
+            None reads everything from the store.
 
     Returns:
         The leaderboard read back from MLflow, with the cost columns (``MACs/px``, ``latency ms``) once
@@ -59,10 +61,10 @@ def log_sweep_views(client: MlflowClient, parent_run_id: str) -> pd.DataFrame:
     parent = client.get_run(parent_run_id)
     children = child_runs(client, parent.info.experiment_id, parent_run_id)
     if children:
-        trial_costs(client, [run.info.run_id for run in children])
+        trial_costs(client, [run.info.run_id for run in children], configs=logged.configs if logged else None)
     # No measurer: the costs were just measured and logged; a trial that could not be measured is tagged
     # with the reason, and measuring it again here would fail the same way, a second time.
-    report = load_report(client, parent)
+    report = load_report(client, parent, logged=logged)
     if report.grouped:
         _log_config_stats(client, report)
     with tempfile.TemporaryDirectory() as folder:
