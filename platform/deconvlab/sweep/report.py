@@ -152,7 +152,7 @@ def _plots(client: MlflowClient, report: SweepReport, logged: DriverLog | None) 
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder)
         histories = metric_histories(client, report.trials, report.metric, logged)
-        # None for runs from before compute was logged.
+        # Empty for runs from before compute was logged.
         compute = metric_histories(client, report.trials, COMPUTE_KEY, logged)
         names = render_plots(report.table, report.trials, histories, compute, report.metric, report.mode,
                              report.hyperparameters, out, log_scaled_keys(report.parent.data.params))
