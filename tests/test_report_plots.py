@@ -192,3 +192,15 @@ def test_costs_of_a_sweep_from_before_they_were_logged_are_measured_only_when_as
                                       "mlflow_run"]
     assert measured["MACs/px"].iloc[0] == 900.0 and math.isnan(measured["MACs/px"].iloc[1])
     assert with_costs(None, measured, measure) is measured and len(asked) == 1  # logged costs: not again
+
+
+def test_costs_just_measured_replace_the_ones_whose_writes_are_still_under_way():
+    # The end of a sweep writes the costs on a thread while it reads the trials back: what it reads may hold
+    # some trials' costs and not others'; the costs it measured are the table's.
+    partly_written = pd.DataFrame({"trial": ["a", "b"], "best val/psnr": [24.0, 23.0], "params": [10, 20],
+                                   "MACs/px": [900.0, float("nan")], "latency ms": [0.9, float("nan")],
+                                   "mlflow_run": ["r1", "r2"]})
+    known = {"r1": _Cost(900.0), "r2": _Cost(400.0)}
+    table = with_costs(None, partly_written, None, known)
+    assert table["MACs/px"].tolist() == [900.0, 400.0] and table["latency ms"].tolist() == [0.9, 0.4]
+    assert math.isnan(with_costs(None, partly_written, None, {"r1": known["r1"]})["MACs/px"].iloc[1])

@@ -205,18 +205,22 @@ def _measure_trial(cfg: DictConfig, examples: dict[str, torch.Tensor],
     return measured[model_key]
 
 
-def trial_costs(client: MlflowClient, run_ids: list[str], log: bool = True,
-                configs: Mapping[str, str] | None = None) -> dict[str, ModelCost | None]:
-    """Measure every trial's model from its logged ``config.yaml``; log ``cost/*`` metrics to its run.
+# A trial's measured cost and the model it was measured on, or why it could not be measured.
+Measurement = tuple[ModelCost, nn.Module] | Exception
 
-    A trial whose model cannot be built here gets None and an explanatory tag: costs are a view of a
-    finished sweep, never a reason to fail it.
+
+def measure_trials(client: MlflowClient, run_ids: list[str],
+                   configs: Mapping[str, str] | None = None) -> dict[str, Measurement]:
+    """Measure every trial's model from its logged ``config.yaml`` (nothing is logged).
+
+    A trial whose model cannot be built here gets the exception: costs are a view of a finished sweep, never
+    a reason to fail it.
 
     Args:
         configs: the ``config.yaml`` texts the caller has (the sweep driver logged them): those runs' files
             are not downloaded again.
     """
-    costs: dict[str, ModelCost | None] = {}
+    measurements: dict[str, Measurement] = {}
     examples: dict[str, torch.Tensor] = {}
     measured: dict[tuple[str, str, str], tuple[ModelCost, nn.Module]] = {}
     torch.manual_seed(0)
@@ -224,16 +228,34 @@ def trial_costs(client: MlflowClient, run_ids: list[str], log: bool = True,
         try:
             known = (configs or {}).get(run_id)
             cfg = OmegaConf.create(known) if known is not None else run_config(client, run_id)
-            cost, model = _measure_trial(cfg, examples, measured)
+            measurements[run_id] = _measure_trial(cfg, examples, measured)
         except Exception as exc:  # noqa: BLE001 - any model/config error: record it, keep the sweep
-            costs[run_id] = None
-            if log:
-                client.set_tag(run_id, COST_ERROR_TAG, f"{type(exc).__name__}: {exc}"[:500])
-            continue
-        costs[run_id] = cost
-        if log:
-            log_cost(client, run_id, cost, model)
-    return costs
+            measurements[run_id] = exc
+    return measurements
+
+
+def log_trial_costs(client: MlflowClient, measurements: Mapping[str, Measurement]) -> None:
+    """Log each trial's ``cost/*`` metrics and ``model_summary.txt``, or the tag that says why it has none."""
+    for run_id, measured in measurements.items():
+        if isinstance(measured, Exception):
+            client.set_tag(run_id, COST_ERROR_TAG, f"{type(measured).__name__}: {measured}"[:500])
+        else:
+            log_cost(client, run_id, *measured)
+
+
+def costs_of(measurements: Mapping[str, Measurement]) -> dict[str, ModelCost | None]:
+    """Each trial's cost, None where it could not be measured."""
+    return {run_id: None if isinstance(m, Exception) else m[0] for run_id, m in measurements.items()}
+
+
+def trial_costs(client: MlflowClient, run_ids: list[str], log: bool = True,
+                configs: Mapping[str, str] | None = None) -> dict[str, ModelCost | None]:
+    """Measure every trial's model (:func:`measure_trials`) and, with ``log``, log the costs to the trials'
+    runs (:func:`log_trial_costs`)."""
+    measurements = measure_trials(client, run_ids, configs)
+    if log:
+        log_trial_costs(client, measurements)
+    return costs_of(measurements)
 
 
 def summary(cost: ModelCost, model: nn.Module | None = None) -> str:

@@ -11,7 +11,7 @@ Pareto-optimal is computed here too.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -215,16 +215,21 @@ def order_cost_columns(table: pd.DataFrame) -> pd.DataFrame:
     return table[[*rest[:at], *costs, *rest[at:]]]
 
 
-def with_costs(client: MlflowClient, table: pd.DataFrame, measure: CostMeasurer | None) -> pd.DataFrame:
-    """The table with cost columns: as it is when they are there; for a sweep that ran before the driver
-    logged costs, measured now by ``measure`` (not logged), or left out when ``measure`` is None."""
-    if len(table) == 0 or "MACs/px" in table.columns or measure is None:
+def with_costs(client: MlflowClient, table: pd.DataFrame, measure: CostMeasurer | None,
+               known: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """The table with cost columns: from ``known`` (run id -> cost, the end of a sweep that measured them
+    while their writes are under way) when given; else as they are when logged; for a sweep that ran before
+    the driver logged costs, measured now by ``measure`` (not logged), or left out when ``measure`` is None."""
+    if len(table) == 0:
         return table
-    costs = measure(client, list(table["mlflow_run"]))
+    if known is None:
+        if "MACs/px" in table.columns or measure is None:
+            return table
+        known = measure(client, list(table["mlflow_run"]))
     table = table.copy()
     for key, column in COST_COLUMNS.items():
         table[column] = [c.as_metrics()[key] if c is not None else float("nan")
-                         for c in (costs[r] for r in table["mlflow_run"])]
+                         for c in (known.get(r) for r in table["mlflow_run"])]
     return order_cost_columns(table)
 
 

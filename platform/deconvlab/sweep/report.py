@@ -14,8 +14,10 @@ import html
 import re
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from mlflow.tracking import MlflowClient
@@ -160,7 +162,7 @@ def _plots(client: MlflowClient, report: SweepReport, logged: DriverLog | None) 
 
 
 def load_report(client: MlflowClient, parent, measure_costs: CostMeasurer | None = None,
-                logged: DriverLog | None = None) -> SweepReport:
+                logged: DriverLog | None = None, costs: Mapping[str, Any] | None = None) -> SweepReport:
     """Read a sweep's leaderboard, costs, histories and best samples from MLflow and render its plots.
 
     Args:
@@ -169,10 +171,11 @@ def load_report(client: MlflowClient, parent, measure_costs: CostMeasurer | None
         measure_costs: measures the trials' costs when none of them has cost metrics (a sweep that ran
             before the driver logged them); None leaves the cost columns and the Pareto plot out.
         logged: what the sweep's driver wrote (at the end of its sweep): the curves it knows are not read back.
+        costs: the trials' costs by run id, just measured (their writes may still be under way).
     """
     metric, mode, hyperparameters, repeats = _sweep_settings(parent)
     trials = build_trials(client, parent.info.experiment_id, parent.info.run_id, metric, mode)
-    trials = with_costs(client, trials, measure_costs)
+    trials = with_costs(client, trials, measure_costs, costs)
     report = SweepReport(parent, build_leaderboard(trials, metric, mode, repeats), metric, mode, hyperparameters,
                          trials, repeats)
     if report.best_run_id is None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
@@ -33,7 +34,7 @@ from mlflow.tracking import MlflowClient
 from rich.console import Console
 from rich.table import Table
 
-from deconvlab.cost import trial_costs
+from deconvlab.cost import costs_of, log_trial_costs, measure_trials
 from deconvlab.promote import config_stat_key
 from deconvlab.sweep.leaderboard import STAT_COLUMNS
 from deconvlab.sweep.plots import render_table
@@ -55,16 +56,27 @@ def log_sweep_views(client: MlflowClient, parent_run_id: str, logged: DriverLog 
             None reads everything from the store.
 
     Returns:
-        The leaderboard read back from MLflow, with the cost columns (``MACs/px``, ``latency ms``) once
-        there is a trial.
+        The leaderboard read back from MLflow, with the cost columns (``MACs/px``, ``latency ms``) as just
+        measured once there is a trial.
     """
     parent = client.get_run(parent_run_id)
     children = child_runs(client, parent.info.experiment_id, parent_run_id)
-    if children:
-        trial_costs(client, [run.info.run_id for run in children], configs=logged.configs if logged else None)
-    # No measurer: the costs were just measured and logged; a trial that could not be measured is tagged
-    # with the reason, and measuring it again here would fail the same way, a second time.
-    report = load_report(client, parent, logged=logged)
+    measurements = measure_trials(client, [run.info.run_id for run in children],
+                                  configs=logged.configs if logged else None) if children else {}
+    # The trials' cost writes (two round trips a trial, most of a large sweep's end once nothing is read
+    # back) go on a thread of their own while the views below are read, drawn and logged.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="deconvlab-costs") as writer:
+        costs_written = writer.submit(log_trial_costs, client, measurements)
+        # No measurer: a trial that could not be measured is tagged with the reason; measuring it again here
+        # would fail the same way, a second time.
+        report = load_report(client, parent, logged=logged, costs=costs_of(measurements))
+        _log_views(client, parent_run_id, report)
+        costs_written.result()  # a write that failed fails the sweep's end, as it did when written in line
+    return report.table
+
+
+def _log_views(client: MlflowClient, parent_run_id: str, report: SweepReport) -> None:
+    """The leaderboard (CSV/HTML/PNG), the best trial's samples and report.html, logged to the parent run."""
     if report.grouped:
         _log_config_stats(client, report)
     with tempfile.TemporaryDirectory() as folder:
@@ -76,7 +88,6 @@ def log_sweep_views(client: MlflowClient, parent_run_id: str, logged: DriverLog 
             client.log_artifacts(parent_run_id, str(samples), BEST_SAMPLES_DIR)
     if len(report.table):
         client.log_text(parent_run_id, render_html(report), REPORT_FILE)
-    return report.table
 
 
 def config_stats(row: pd.Series, metric: str) -> dict[str, float]:
