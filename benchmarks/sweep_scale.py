@@ -21,8 +21,8 @@ MLflow). The table's columns:
   about 3 per trial, are not queued);
 - ``slot s/trial``: (sweep wall x slots - epochs run x epoch time) / trials: all overhead, Ray's included;
 - ``finish s``: from the last result to the parent run's ``end_time`` in the store; ``of it costs`` the part
-  spent measuring every trial's model cost (:func:`deconvlab.cost.trial_costs`, one model built and timed
-  per trial);
+  spent measuring the trials' model costs (:func:`deconvlab.cost.measure_trials`, each distinct model built
+  and timed once; the cost writes then run on a thread beside the other views, not counted here);
 - ``peak RSS``: the driver process's peak resident memory during that sweep.
 
 The last line is the server backend's (SQLite's with ``--backend sqlite``):
@@ -149,10 +149,11 @@ class DriverClock:
 
 @contextlib.contextmanager
 def clocked_costs(clock: DriverClock) -> Iterator[None]:
-    """Time the end-of-sweep cost measurement (``views.trial_costs``) into ``clock.costs_s``."""
+    """Time the end-of-sweep cost measurement (``views.measure_trials``; the cost writes then run on a thread
+    beside the other views) into ``clock.costs_s``."""
     from deconvlab.sweep import views
 
-    original = views.trial_costs
+    original = views.measure_trials
 
     def timed(*args, **kwargs):
         start = time.time()
@@ -161,11 +162,11 @@ def clocked_costs(clock: DriverClock) -> Iterator[None]:
         finally:
             clock.costs_s += time.time() - start
 
-    views.trial_costs = timed
+    views.measure_trials = timed
     try:
         yield
     finally:
-        views.trial_costs = original
+        views.measure_trials = original
 
 
 @contextlib.contextmanager
