@@ -355,7 +355,7 @@ def test_ctrl_c_in_the_middle_of_a_read_no_longer_locks_the_store(tmp_path):
         assert traceback.format_exception(interrupt)[-2].strip().endswith("raise KeyboardInterrupt")
 
 
-def test_any_other_error_keeps_its_frames(tmp_path):
+def test_any_other_error_keeps_its_frames():
     def failing() -> None:
         kept = "local"  # noqa: F841 - what a post-mortem debugger would show
         raise ValueError("not an interrupt")
@@ -382,7 +382,6 @@ def test_a_run_interrupted_while_reading_the_store_ends_killed(tracking_uri):
     assert run.info.status == "KILLED" and "interrupted" in run.data.tags["error"]
 
 
-
 class _CtrlCWhileLightningReadsTheStore(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
         _store_read_cut_short_by_ctrl_c(trainer.logger.experiment)
@@ -395,6 +394,7 @@ def test_ctrl_c_while_lightning_reads_the_store_ends_the_run_killed(compose, tra
         train(compose(*QUICK), callbacks=[_CtrlCWhileLightningReadsTheStore()])
     (run,) = [r for r in all_runs(tracking_uri) if r.info.run_id not in before]
     assert run.info.status == "KILLED" and "interrupted" in run.data.tags["error"]
+
 
 INTERRUPTED_SWEEP = """
 experiment: quickstart

@@ -48,14 +48,15 @@ def _status(run) -> str:
 
 
 def build_trials(client: MlflowClient, experiment_id: str, parent_run_id: str, metric: str,
-                 mode: str) -> pd.DataFrame:
+                 mode: str, runs: list | None = None) -> pd.DataFrame:
     """Rows of (rank, trial, config, status, epochs, best metric, cost, sampled hyperparameters, MLflow run).
 
     ``config`` is the trial's ``deconvlab.config_id`` tag (its trial id for runs without one); a sweep with
-    repeats has its ``seed`` among the sampled values.
+    repeats has its ``seed`` among the sampled values. ``runs``: the sweep's child runs when the caller has
+    just read them (a search over every trial, not done twice).
     """
     rows = []
-    for run in child_runs(client, experiment_id, parent_run_id):
+    for run in runs if runs is not None else child_runs(client, experiment_id, parent_run_id):
         trial = run.data.tags.get(TRIAL_TAG, "")
         rows.append({
             "trial": trial,

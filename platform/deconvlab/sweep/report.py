@@ -162,7 +162,8 @@ def _plots(client: MlflowClient, report: SweepReport, logged: DriverLog | None) 
 
 
 def load_report(client: MlflowClient, parent, measure_costs: CostMeasurer | None = None,
-                logged: DriverLog | None = None, costs: Mapping[str, Any] | None = None) -> SweepReport:
+                logged: DriverLog | None = None, costs: Mapping[str, Any] | None = None,
+                children: list | None = None) -> SweepReport:
     """Read a sweep's leaderboard, costs, histories and best samples from MLflow and render its plots.
 
     Args:
@@ -172,9 +173,10 @@ def load_report(client: MlflowClient, parent, measure_costs: CostMeasurer | None
             before the driver logged them); None leaves the cost columns and the Pareto plot out.
         logged: what the sweep's driver wrote (at the end of its sweep): the curves it knows are not read back.
         costs: the trials' costs by run id, just measured (their writes may still be under way).
+        children: the sweep's child runs, when the caller has just read them.
     """
     metric, mode, hyperparameters, repeats = _sweep_settings(parent)
-    trials = build_trials(client, parent.info.experiment_id, parent.info.run_id, metric, mode)
+    trials = build_trials(client, parent.info.experiment_id, parent.info.run_id, metric, mode, children)
     trials = with_costs(client, trials, measure_costs, costs)
     report = SweepReport(parent, build_leaderboard(trials, metric, mode, repeats), metric, mode, hyperparameters,
                          trials, repeats)

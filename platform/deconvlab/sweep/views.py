@@ -69,7 +69,7 @@ def log_sweep_views(client: MlflowClient, parent_run_id: str, logged: DriverLog 
         costs_written = writer.submit(log_trial_costs, client, measurements)
         # No measurer: a trial that could not be measured is tagged with the reason; measuring it again here
         # would fail the same way, a second time.
-        report = load_report(client, parent, logged=logged, costs=costs_of(measurements))
+        report = load_report(client, parent, logged=logged, costs=costs_of(measurements), children=children)
         _log_views(client, parent_run_id, report)
         costs_written.result()  # a write that failed fails the sweep's end, as it did when written in line
     return report.table
