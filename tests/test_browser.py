@@ -1,8 +1,9 @@
 """What users look at, in a real browser: the MLflow UI after a smoke sweep, and the offline HTML report.
 
 Headless Chromium (the Debian package ``chromium``) is driven over the DevTools protocol with aiohttp's
-websocket client (aiohttp comes with MLflow), so no browser driver package is needed. Screenshots go to
-``docs/img/`` for the README. Skips when Chromium is not installed.
+websocket client (aiohttp comes with MLflow), so no browser driver package is needed. Screenshots go to a
+temporary folder, or to the README's ``docs/img/`` with ``DECONVLAB_UPDATE_SCREENSHOTS=1`` (so that a test run
+does not rewrite tracked files). Skips when Chromium is not installed.
 """
 
 from __future__ import annotations
@@ -167,6 +168,12 @@ class Chromium:
 
 
 @pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    """Where screenshots go: the README's images only when asked to refresh them."""
+    return DOCS_IMG if os.environ.get("DECONVLAB_UPDATE_SCREENSHOTS") == "1" else tmp_path_factory.mktemp("shots")
+
+
+@pytest.fixture(scope="module")
 def chromium(tmp_path_factory):
     if CHROMIUM is None:
         pytest.skip("chromium is not installed (apt-get install chromium)")
@@ -224,7 +231,7 @@ def _hide_assistant(chromium: Chromium) -> None:
     time.sleep(1)  # let the layout settle
 
 
-def test_ui_shows_the_sweep_its_parent_run_and_every_child_run(smoke_sweep, mlflow_ui, chromium):
+def test_ui_shows_the_sweep_its_parent_run_and_every_child_run(smoke_sweep, mlflow_ui, chromium, shots):
     outcome, client, _, _ = smoke_sweep
     experiment = client.get_experiment_by_name(outcome.experiment_name)
     parent = client.get_run(outcome.parent_run_id)
@@ -239,7 +246,7 @@ def test_ui_shows_the_sweep_its_parent_run_and_every_child_run(smoke_sweep, mlfl
     names = [c.info.run_name for c in children]
     chromium.wait_for(f"{json.dumps(names)}.every(n => document.body.innerText.includes(n))", 60)
     _hide_assistant(chromium)
-    chromium.screenshot(DOCS_IMG / "mlflow_sweep_runs.png")
+    chromium.screenshot(shots / "mlflow_sweep_runs.png")
 
 
 # The text of a run's cell in a grid column, and whether it is in sight: inside the viewport and not covered
@@ -263,7 +270,7 @@ def cell(chromium: Chromium, run_name: str, column_id: str) -> dict | None:
     return chromium.evaluate(f"{CELL_IN_SIGHT}({json.dumps(run_name)}, {json.dumps(column_id)})")
 
 
-def test_ui_opens_the_sweeps_comparison_from_its_url(smoke_sweep, mlflow_ui, tmp_path):
+def test_ui_opens_the_sweeps_comparison_from_its_url(smoke_sweep, mlflow_ui, tmp_path, shots):
     """The URL a sweep prints, in a fresh browser and without a click: the trials best first, a trial's metric
     and sampled value in sight; the same view's charts: the metric per epoch of every trial, parallel coordinates."""
     from deconvlab.sweep.ui_view import publish_sweep_view
@@ -285,13 +292,13 @@ def test_ui_opens_the_sweeps_comparison_from_its_url(smoke_sweep, mlflow_ui, tmp
         rows = browser.evaluate("""[...document.querySelectorAll('.ag-row [col-id="attributes.`Run Name`"]')]
             .map(cell => cell.innerText.trim().split('\\n').pop().trim())""")
         _hide_assistant(browser)  # checked in sight with it open; the screenshot shows more columns without
-        browser.screenshot(DOCS_IMG / "mlflow_sweep_comparison.png")
+        browser.screenshot(shots / "mlflow_sweep_comparison.png")
         browser.open(links.charts)
         browser.wait_for("document.body.innerText.includes('Parallel Coordinates')", 120)
         browser.wait_for(f"{json.dumps([f'{t.info.run_name} ({metric})' for t in trials])}"
                          ".every(n => document.body.innerText.includes(n))", 60)
         time.sleep(2)  # let the plots draw
-        browser.screenshot(DOCS_IMG / "mlflow_sweep_charts.png")
+        browser.screenshot(shots / "mlflow_sweep_charts.png")
     finally:
         browser.close()
     assert value["row"] == 0 and value["inSight"], value  # the best trial on top, its metric in sight
@@ -300,7 +307,7 @@ def test_ui_opens_the_sweeps_comparison_from_its_url(smoke_sweep, mlflow_ui, tmp
     assert sorted(rows) == [t.info.run_name for t in trials]  # every trial, and only the trials
 
 
-def test_ui_displays_the_parent_runs_pareto_plot_image(smoke_sweep, mlflow_ui, chromium):
+def test_ui_displays_the_parent_runs_pareto_plot_image(smoke_sweep, mlflow_ui, chromium, shots):
     outcome, client, _, _ = smoke_sweep
     experiment = client.get_experiment_by_name(outcome.experiment_name)
     artifact = "leaderboard/pareto.png"
@@ -313,10 +320,10 @@ def test_ui_displays_the_parent_runs_pareto_plot_image(smoke_sweep, mlflow_ui, c
     text = chromium.text()
     assert "parallel_coordinates.png" in text and "report.html" in text and "best_trial" in text
     _hide_assistant(chromium)
-    chromium.screenshot(DOCS_IMG / "mlflow_sweep_pareto.png")
+    chromium.screenshot(shots / "mlflow_sweep_pareto.png")
 
 
-def test_report_reads_offline_in_a_browser(smoke_sweep, chromium, tmp_path):
+def test_report_reads_offline_in_a_browser(smoke_sweep, chromium, tmp_path, shots):
     outcome, _, env, _ = smoke_sweep
     from deconvlab.sweep.report import write_report
 
@@ -330,7 +337,7 @@ def test_report_reads_offline_in_a_browser(smoke_sweep, chromium, tmp_path):
         chromium.wait_for("document.readyState === 'complete' && !!document.getElementById('leaderboard')")
         images = chromium.evaluate("[...document.images].map(i => [i.complete, i.naturalWidth])")
         rows = chromium.evaluate("document.querySelectorAll('#leaderboard tr').length")
-        chromium.screenshot(DOCS_IMG / "report.png", full_page=True)
+        chromium.screenshot(shots / "report.png", full_page=True)
     finally:
         chromium.send("Network.emulateNetworkConditions", offline=False, latency=0, downloadThroughput=-1,
                       uploadThroughput=-1)
