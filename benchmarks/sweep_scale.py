@@ -22,7 +22,9 @@ MLflow). The table's columns:
 - ``slot s/trial``: (sweep wall x slots - epochs run x epoch time) / trials: all overhead, Ray's included;
 - ``finish s``: from the last result to the parent run's ``end_time`` in the store; ``of it costs`` the part
   spent measuring the trials' model costs (:func:`deconvlab.cost.measure_trials`, each distinct model built
-  and timed once; the cost writes then run on a thread beside the other views, not counted here);
+  and timed once; the cost writes then run on a thread beside the other views, not counted here); ``of it
+  backlog`` the part spent waiting for the tracking queue's writer to write what the driver had queued
+  before (its flushes after the last result);
 - ``peak RSS``: the driver process's peak resident memory during that sweep.
 
 The last line is the server backend's (SQLite's with ``--backend sqlite``):
@@ -126,6 +128,7 @@ class DriverClock:
 
     busy_s: float = 0.0
     costs_s: float = 0.0
+    backlog_s: float = 0.0  # in tracking-queue flushes after the last result
     first_start: float | None = None
     last_result: float | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -167,6 +170,29 @@ def clocked_costs(clock: DriverClock) -> Iterator[None]:
         yield
     finally:
         views.measure_trials = original
+
+
+@contextlib.contextmanager
+def clocked_flushes(clock: DriverClock) -> Iterator[None]:
+    """Time the tracking queues' flushes after the last result (the writer's backlog) into
+    ``clock.backlog_s``."""
+    from deconvlab.tracking import TrackingQueue
+
+    original = TrackingQueue.flush
+
+    def timed(queue, *args, **kwargs):
+        start = time.time()
+        try:
+            return original(queue, *args, **kwargs)
+        finally:
+            if clock.last_result is not None and start >= clock.last_result:
+                clock.backlog_s += time.time() - start
+
+    TrackingQueue.flush = timed
+    try:
+        yield
+    finally:
+        TrackingQueue.flush = original
 
 
 @contextlib.contextmanager
@@ -259,6 +285,7 @@ class Outcome:
     peak_rss_mb: float
     queued_calls_per_trial: float
     costs_s: float
+    backlog_s: float
 
 
 def write_sweep(folder: Path, args: argparse.Namespace, slots: int) -> Path:
@@ -287,7 +314,7 @@ def run_backend(backend: str, uri: str, folder: Path, sweep: Path, address: str,
     os.environ.update({"MLFLOW_TRACKING_URI": uri, "DECONVLAB_ARTIFACT_ROOT": str(folder / f"artifacts-{backend}")})
     clock = DriverClock()
     start = time.time()
-    with PeakRss() as rss, clocked_callback(clock), clocked_costs(clock):
+    with PeakRss() as rss, clocked_callback(clock), clocked_costs(clock), clocked_flushes(clock):
         outcome = run_sweep(str(sweep), address=address, storage_path=str(folder / f"ray-{backend}"), quiet=True,
                             trial_function=standin_trial)
     wall = time.time() - start
@@ -303,7 +330,7 @@ def run_backend(backend: str, uri: str, folder: Path, sweep: Path, address: str,
     return Outcome(backend, len(reported), results, wall, results / max(fit_span, 1e-9),
                    (clock.busy_s + sum(q.busy_s for q in writer) + finish) / trials,
                    (fit_span * slots - results * epoch_s) / trials, finish, lost, examples, rss.peak_mb,
-                   sum(q.calls for q in writer) / trials, clock.costs_s)
+                   sum(q.calls for q in writer) / trials, clock.costs_s, clock.backlog_s)
 
 
 # -- the driver's tracking alone: the same callback fed Tune's calls directly, as fast as it takes them --------
@@ -387,7 +414,8 @@ def drive_callback(backend: str, uri: str, folder: Path, sweep: Path, args: argp
     finish, trials = end_ms / 1000 - fed, len(reported)
     return Outcome(f"{backend}*", trials, results, time.time() - start, results / (fed - start),
                    (clock.busy_s + callback.queue.busy_s + finish) / trials, float("nan"), finish, lost, examples,
-                   rss.peak_mb, callback.queue.calls / trials, clock.costs_s)
+                   rss.peak_mb, callback.queue.calls / trials, clock.costs_s,
+                   0.0)  # the backlog was flushed before `fed`, where the finish is counted from
 
 
 def load_module(path: Path):
@@ -438,12 +466,13 @@ def simulated_cluster(nodes: int, gpus_per_node: int) -> Iterator[str]:
 
 def print_table(outcomes: list[Outcome], offered: float) -> None:
     header = (f"{'backend':<10}{'trials':>7}{'results':>9}{'wall s':>8}{'results/s':>11}{'offered/s':>11}"
-              f"{'driver s/trial':>16}{'slot s/trial':>14}{'finish s':>10}{'of it costs':>13}"
+              f"{'driver s/trial':>16}{'slot s/trial':>14}{'finish s':>10}{'of it costs':>13}{'of it backlog':>15}"
               f"{'queued calls/trial':>20}{'lost':>6}{'peak RSS MB':>13}")
     print(header)
     for o in outcomes:
         print(f"{o.backend:<10}{o.trials:>7}{o.results:>9}{o.wall_s:>8.1f}{o.results_per_s:>11.1f}{offered:>11.1f}"
               f"{o.driver_s_per_trial:>16.3f}{o.slot_s_per_trial:>14.3f}{o.finish_s:>10.1f}{o.costs_s:>13.1f}"
+              f"{o.backlog_s:>15.1f}"
               f"{o.queued_calls_per_trial:>20.1f}{o.lost:>6}"
               f"{o.peak_rss_mb:>13.0f}")
         if o.lost_examples:
