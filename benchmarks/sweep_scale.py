@@ -47,9 +47,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -149,50 +150,48 @@ class DriverClock:
                         self.last_result = end
         return wrapper
 
+    def add_costs(self, start: float, end: float) -> None:
+        self.costs_s += end - start
+
+    def add_backlog(self, start: float, end: float) -> None:
+        if self.last_result is not None and start >= self.last_result:  # a flush at the end, not mid-sweep
+            self.backlog_s += end - start
+
 
 @contextlib.contextmanager
-def clocked_costs(clock: DriverClock) -> Iterator[None]:
-    """Time the end-of-sweep cost measurement (``views.measure_trials``; the cost writes then run on a thread
-    beside the other views) into ``clock.costs_s``."""
-    from deconvlab.sweep import views
+def timing(owner: Any, name: str, record: Callable[[float, float], None]) -> Iterator[None]:
+    """For the block's duration, every call of ``owner.name`` passes its start and end times to ``record``."""
+    original = getattr(owner, name)
 
-    original = views.measure_trials
-
+    @functools.wraps(original)
     def timed(*args, **kwargs):
         start = time.time()
         try:
             return original(*args, **kwargs)
         finally:
-            clock.costs_s += time.time() - start
+            record(start, time.time())
 
-    views.measure_trials = timed
+    setattr(owner, name, timed)
     try:
         yield
     finally:
-        views.measure_trials = original
+        setattr(owner, name, original)
 
 
-@contextlib.contextmanager
-def clocked_flushes(clock: DriverClock) -> Iterator[None]:
+def clocked_costs(clock: DriverClock) -> contextlib.AbstractContextManager:
+    """Time the end-of-sweep cost measurement (``views.measure_trials``; the cost writes then run on a thread
+    beside the other views) into ``clock.costs_s``."""
+    from deconvlab.sweep import views
+
+    return timing(views, "measure_trials", clock.add_costs)
+
+
+def clocked_flushes(clock: DriverClock) -> contextlib.AbstractContextManager:
     """Time the tracking queues' flushes after the last result (the writer's backlog) into
     ``clock.backlog_s``."""
     from deconvlab.tracking import TrackingQueue
 
-    original = TrackingQueue.flush
-
-    def timed(queue, *args, **kwargs):
-        start = time.time()
-        try:
-            return original(queue, *args, **kwargs)
-        finally:
-            if clock.last_result is not None and start >= clock.last_result:
-                clock.backlog_s += time.time() - start
-
-    TrackingQueue.flush = timed
-    try:
-        yield
-    finally:
-        TrackingQueue.flush = original
+    return timing(TrackingQueue, "flush", clock.add_backlog)
 
 
 @contextlib.contextmanager
