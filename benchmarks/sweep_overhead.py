@@ -12,7 +12,7 @@ split its wall time into the start (Ray, the store, until the first trial's run 
 trial's start to the last one's end) and the end (the leaderboard, views and reports), so the trials'
 own parallel efficiency is told apart from the sweep's fixed costs.
 
-``--long`` makes each trial longer (1,280 training samples per epoch, 4 epochs: ~35 s on one thread of this
+``--long`` makes each trial longer (1,280 training samples per epoch, 4 epochs: 42-44 s on one thread of this
 2-core machine on 2026-12-04; the back-to-back time per trial is printed, so the length is checked, not
 assumed), where a sweep's fixed costs weigh less; its ASHA setting is the one a user of a 16-epoch
 quickstart-like sweep would pick, ``grace_period 1, reduction_factor 3`` over ``max_t`` = ``--asha-epochs``:
