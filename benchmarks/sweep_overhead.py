@@ -106,17 +106,6 @@ def timed_sweep(path: str, storage: Path):
     return SweepTiming(stop - start, first - start, last - first, stop - last), outcome
 
 
-def seed_ci(values: list[float]) -> tuple[float, float, float]:
-    """Mean and 95 % Student-t interval of ``values`` (the interval is the mean itself for one value)."""
-    from scipy import stats
-
-    mean = float(np.mean(values))
-    if len(values) < 2:
-        return mean, mean, mean
-    half = float(stats.t.ppf(0.975, len(values) - 1) * stats.sem(values))
-    return mean, mean - half, mean + half
-
-
 def measure_overhead(args: argparse.Namespace, folder: Path, data: list[str]) -> None:
     """The same trials back to back in this process, then as sweeps of n/2 and of n trials."""
     lrs = lr_grid(args.trials)
@@ -178,12 +167,15 @@ def compare_asha_fifo(args: argparse.Namespace, folder: Path) -> None:
               f"{len(grid) * len(widths)} configs x {args.asha_epochs} epochs: FIFO {fifo_epochs} epochs (best "
               f"{fifo_best:.3f} dB), ASHA {asha_epochs} epochs (best {asha_best:.3f} dB): ASHA used "
               f"{asha_epochs / fifo_epochs:.0%} of FIFO's compute, {fifo_best - asha_best:.3f} dB short of its best")
-    mean, low, high = seed_ci(shortfalls)
-    spread = float(np.std(fifo_bests, ddof=1)) if len(fifo_bests) > 1 else 0.0  # one seed: no spread measured
-    within = mean <= max(args.tolerance, spread)
+    from deconvlab.sweep.leaderboard import seed_stats  # the leaderboard's Student-t interval over seeds
+
+    shortfall, fifo = seed_stats(shortfalls), seed_stats(fifo_bests)
+    spread = 0.0 if np.isnan(fifo.std) else fifo.std  # one seed: no spread measured
+    within = shortfall.mean <= max(args.tolerance, spread)
     print(f"over {args.seeds} seed(s): ASHA used {np.mean(fractions):.0%} of FIFO's compute (goal <= 40 %); "
-          f"shortfall from FIFO's best {mean:.3f} dB [95 % CI {low:.3f}, {high:.3f}]; FIFO's best across seeds "
-          f"sd {spread:.3f} dB: {'within' if within else 'outside'} the noise (max of the sd and {args.tolerance} dB)")
+          f"shortfall from FIFO's best {shortfall.mean:.3f} dB [95 % CI {shortfall.ci_low:.3f}, "
+          f"{shortfall.ci_high:.3f}]; FIFO's best across seeds sd {spread:.3f} dB: "
+          f"{'within' if within else 'outside'} the noise (max of the sd and {args.tolerance} dB)")
 
 
 def main() -> None:
