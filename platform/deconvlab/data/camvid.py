@@ -148,8 +148,12 @@ def median_frequency_class_weights(root: str | None = None, split: str = "train"
     return median_frequency_weights(masks, num_classes, ignore_index).tolist()
 
 
-def build_transform(image_size: tuple[int, int] | None, augment: bool, ignore_index: int, seed: int = 0):
-    """Albumentations pipeline: optional resize, then (training) joint image+mask augmentation."""
+def build_transform(image_size: tuple[int, int] | None, augment: bool, ignore_index: int, seed: int = 0,
+                    crop: tuple[int, int] | None = None):
+    """Albumentations pipeline: optional resize, (training) joint image+mask augmentation, optional random crop.
+
+    ``crop`` = [height, width] of a random window cut last, after the resize and the augmentation.
+    """
     import albumentations as A
 
     steps = [] if image_size is None else [A.Resize(*image_size)]  # masks are resized nearest-neighbour
@@ -158,6 +162,8 @@ def build_transform(image_size: tuple[int, int] | None, augment: bool, ignore_in
                   A.Affine(scale=(0.8, 1.25), translate_percent=(-0.1, 0.1), rotate=(-5, 5),
                            fill=0, fill_mask=ignore_index, p=0.5),
                   A.RandomBrightnessContrast(0.2, 0.2, p=0.5)]
+    if crop is not None:
+        steps.append(A.RandomCrop(*crop))
     return A.Compose(steps, seed=seed)
 
 
@@ -212,6 +218,18 @@ def _check_box_classes(box_classes: list[int] | None, num_classes: int) -> tuple
     return classes
 
 
+def _check_train_crop(train_crop: list[int] | None, image_size: tuple[int, int] | None) -> tuple[int, int] | None:
+    if train_crop is None:
+        return None
+    crop = tuple(int(v) for v in train_crop)
+    too_large = image_size is not None and any(c > s for c, s in zip(crop, image_size, strict=True))
+    if len(crop) != 2 or min(crop) < 1 or too_large:
+        raise DataError(f"data.train_crop={list(train_crop)} must be [height, width], at most data.image_size="
+                        f"{list(image_size) if image_size else None}", "data.train_crop",
+                        "give a smaller window, or null to train on whole images")
+    return crop
+
+
 class CamVidDataModule(SplitDataModule):
     """CamVid (or any folder in its layout) for the segmentation task.
 
@@ -222,6 +240,10 @@ class CamVidDataModule(SplitDataModule):
         image_size: [height, width] every image is resized to (e.g. [180, 240] for CPU budgets);
             None keeps 360 x 480. Validation is resized too: metrics are at this resolution.
         augment: flip / affine / brightness-contrast augmentation of the training split.
+        train_crop: [height, width] of a random window of every training image (after the resize and the
+            augmentation), None = whole images. For models whose output at a pixel sees only a small window
+            (the patch classifier's 38x38), a crop keeps every label the loss needs at a fraction of the
+            cost of a whole image; validation always reads whole images.
         batch_size, num_workers, seed: the usual.
         num_classes: 11 for CamVid.
         ignore_index: the void label, ignored by loss and metrics (11 for CamVid).
@@ -233,7 +255,8 @@ class CamVidDataModule(SplitDataModule):
     def __init__(self, root: str | None = None, split: str = "val", image_size: tuple[int, int] | None = None,
                  augment: bool = True, batch_size: int = 8, num_workers: int = 0, seed: int = 0,
                  num_classes: int = len(CAMVID_CLASSES), ignore_index: int = CAMVID_VOID,
-                 palette: list[list[int]] | None = None, box_classes: list[int] | None = None) -> None:
+                 palette: list[list[int]] | None = None, box_classes: list[int] | None = None,
+                 train_crop: tuple[int, int] | None = None) -> None:
         super().__init__(batch_size, num_workers, seed)
         self.box_classes = _check_box_classes(box_classes, num_classes)
         self.root = Path(root) if root is not None else default_camvid_root()
@@ -244,6 +267,7 @@ class CamVidDataModule(SplitDataModule):
                 "or use data=shapes")
         self.split, self.augment = split, augment
         self.image_size = tuple(image_size) if image_size is not None else None
+        self.train_crop = _check_train_crop(train_crop, self.image_size)
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.class_names = CAMVID_CLASSES if num_classes == len(CAMVID_CLASSES) else tuple(
             f"class_{i}" for i in range(num_classes))
@@ -252,7 +276,8 @@ class CamVidDataModule(SplitDataModule):
 
     def dataset(self, split: str, augment: bool = False) -> SegmentationFolderDataset:
         """The files of ``split``, resized (and augmented if asked) like this module's loaders do."""
-        transform = build_transform(self.image_size, augment, self.ignore_index, self.seed)
+        crop = self.train_crop if split == "train" else None
+        transform = build_transform(self.image_size, augment, self.ignore_index, self.seed, crop)
         return SegmentationFolderDataset(self.list_pairs(split), self.num_classes, self.ignore_index,
                                          transform, self.box_classes)
 
