@@ -55,23 +55,23 @@ def test_resize_option_resizes_images_and_masks_with_nearest_labels(folder):
     assert set(batch["mask"].unique().tolist()) <= {0, 1, 2, 3}  # no blended label values
 
 
-def test_train_crop_cuts_one_window_of_image_and_mask_from_training_images_only(folder):
-    dm = _module(folder, train_crop=[20, 24])
+def test_train_crop_cuts_one_window_of_image_and_mask_for_training_only(folder):
+    dm = _module(folder, train_crop=[20, 24], split="train")
     dm.setup("fit")
     train, val = next(iter(dm.train_dataloader())), next(iter(dm.val_dataloader()))
     assert train["image"].shape == (2, 3, 20, 24) and train["mask"].shape == (2, 20, 24)
-    assert val["image"].shape == (2, 3, 36, 44)  # validation reads whole images
+    assert val["image"].shape == (2, 3, 36, 44)  # evaluation reads whole images, of the train split too
     # Without augmentation the crop is a window of the stored pair: find it in the full image, and the
     # mask must be the same window of the full mask.
-    full = dm.dataset("train", augment=False)
     crop = dm.train_set[0]
-    whole = SegmentationFolderDataset(full.pairs, 4, 11)[0]
+    whole = SegmentationFolderDataset(list_pairs(folder, "train"), 4, 11)[0]
     windows = whole["image"].unfold(1, 20, 1).unfold(2, 24, 1)  # [3, 17, 21, 20, 24]
     match = (windows - crop["image"][:, None, None]).abs().amax(dim=(0, 3, 4)) == 0
     (y, x), = match.nonzero().tolist()
     assert torch.equal(crop["mask"], whole["mask"][y:y + 20, x:x + 24])
-    with pytest.raises(ValueError, match="data.train_crop"):
-        _module(folder, image_size=[18, 30], train_crop=[20, 24])
+    for bad in ([20, 40], [20], [0, 10]):
+        with pytest.raises(ValueError, match="data.train_crop"):
+            _module(folder, image_size=[18, 30], train_crop=bad)
 
 
 def test_augmentation_moves_image_and_mask_together(tmp_path):

@@ -222,8 +222,9 @@ def _check_train_crop(train_crop: list[int] | None, image_size: tuple[int, int] 
     if train_crop is None:
         return None
     crop = tuple(int(v) for v in train_crop)
-    too_large = image_size is not None and any(c > s for c, s in zip(crop, image_size, strict=True))
-    if len(crop) != 2 or min(crop) < 1 or too_large:
+    fits = len(crop) == 2 and min(crop) >= 1 and (
+        image_size is None or all(c <= s for c, s in zip(crop, image_size, strict=True)))
+    if not fits:
         raise DataError(f"data.train_crop={list(train_crop)} must be [height, width], at most data.image_size="
                         f"{list(image_size) if image_size else None}", "data.train_crop",
                         "give a smaller window, or null to train on whole images")
@@ -274,10 +275,11 @@ class CamVidDataModule(SplitDataModule):
         self.palette = [list(c) for c in palette] if palette else read_palette(self.root, num_classes)
         self.worker_init_fn = _reseed_worker
 
-    def dataset(self, split: str, augment: bool = False) -> SegmentationFolderDataset:
-        """The files of ``split``, resized (and augmented if asked) like this module's loaders do."""
-        crop = self.train_crop if split == "train" else None
-        transform = build_transform(self.image_size, augment, self.ignore_index, self.seed, crop)
+    def dataset(self, split: str, augment: bool = False, crop: bool = False) -> SegmentationFolderDataset:
+        """The files of ``split``, resized (augmented and cut to ``train_crop`` if asked) like this module's
+        loaders do: the training loader asks for both, evaluation for neither."""
+        window = self.train_crop if crop else None
+        transform = build_transform(self.image_size, augment, self.ignore_index, self.seed, window)
         return SegmentationFolderDataset(self.list_pairs(split), self.num_classes, self.ignore_index,
                                          transform, self.box_classes)
 
@@ -287,7 +289,7 @@ class CamVidDataModule(SplitDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
-            self.train_set = self.dataset("train", augment=self.augment)
+            self.train_set = self.dataset("train", augment=self.augment, crop=True)
         self.eval_set = self.dataset(self.split)
 
     def class_weights(self, split: str = "train") -> torch.Tensor:
