@@ -108,3 +108,17 @@ def test_diverged_training_fails_the_run_with_the_reason(compose, tracking_uri):
     client = MlflowClient(tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
     assert run.info.status == "FAILED" and "not finite" in run.data.tags["error"]
+
+
+def test_last_checkpoint_is_the_latest_epoch_when_the_best_is_older(compose, tmp_path):
+    # At lr 0 (no normalisation layers to move) every epoch scores the same, so only epoch 0 is a "best";
+    # last.ckpt, what a resume reads, must still be the third epoch, not a copy of the best.
+    output = tmp_path / "run"
+    train(compose("experiment=quickstart", "logger=none", "optim.lr=0", "trainer.max_epochs=3",
+                  "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "data.batch_size=4",
+                  "data.patch_size=24", "data.samples_per_epoch=64", "data.max_eval_size=32", "model.width=8",
+                  "model.depth=3", f"paths.output_dir={output}"))
+    checkpoints = output / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best-epoch000.ckpt", "last.ckpt"]
+    last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)
+    assert (last["epoch"], last["global_step"]) == (2, 6)

@@ -134,10 +134,16 @@ def build_trainer(cfg: DictConfig, task: BaseTask, callbacks: Sequence[Callback]
     images, and the cumulative training compute (``compute/*`` metrics per epoch, see ``TrainingCompute``)."""
     output_dir = Path(cfg.paths.output_dir)
     checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best-epoch{epoch:03d}",
-                                 monitor=task.monitor, mode=task.monitor_mode, save_top_k=1, save_last=True,
+                                 monitor=task.monitor, mode=task.monitor_mode, save_top_k=1,
                                  auto_insert_metric_name=False)
+    # last.ckpt, the resume point, must be the latest epoch. ModelCheckpoint(save_last=True) writes it only in a
+    # step that also saved a top-k checkpoint since Lightning 2.6, i.e. it is a copy of the best one, and a
+    # resume from it silently repeats every epoch after the best. One unmonitored checkpoint, overwritten at
+    # every save, is the latest.
+    latest = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="last", save_top_k=1,
+                             enable_version_counter=False)
     trainer = instantiate(cfg.trainer, default_root_dir=str(output_dir), logger=list(loggers) or False,
-                          callbacks=[checkpoint, SampleImages(), TrainingCompute(), *callbacks],
+                          callbacks=[checkpoint, latest, SampleImages(), TrainingCompute(), *callbacks],
                           **(trainer_overrides or {}))
     return trainer, checkpoint
 
