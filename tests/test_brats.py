@@ -15,13 +15,21 @@ from conftest import shared_data, write_phantom_case
 from deconvlab.data import brats
 from deconvlab.data.brats import (
     BratsDataModule,
+    CentredPatchDataset,
     load_case,
     phantom_cases,
     read_case,
 )
-from deconvlab.data.patches import PatchGeometry, context_pool, extract_patch, pad_image
+from deconvlab.data.patches import (
+    PatchAugmentation,
+    PatchGeometry,
+    channel_modalities,
+    context_pool,
+    extract_patch,
+    pad_image,
+)
 from deconvlab.data.sampling import sample_balanced_centres
-from deconvlab.errors import UserError
+from deconvlab.errors import DataError, UserError
 
 AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])
 AFFINE[:3, 3] = [90, 120, -70]
@@ -228,3 +236,67 @@ def test_a_lightning_fit_sees_new_patches_every_epoch(root):
     assert len(seen.batches[0]) == len(seen.batches[1]) == 2
     assert not any(torch.equal(a, b) for a, b in zip(seen.batches[0], seen.batches[1], strict=True))
     np.testing.assert_array_equal(torch.cat(seen.batches[1]).numpy(), torch.cat(_epoch_batches(data, 1)).numpy())
+
+
+@pytest.mark.parametrize("geometry", [PatchGeometry(3, 5, 3), PatchGeometry(2, 5, 1, slices=3),
+                                      PatchGeometry(3, 5, 1, label_size=3)], ids=["context", "2.5-D", "segment"])
+def test_a_reflected_patch_is_the_patch_of_the_reflected_volume(geometry):
+    rng = np.random.default_rng(0)
+    image = rng.standard_normal((2, 12, 13, 14)).astype(np.float32)
+    label = rng.integers(0, 5, (12, 13, 14)).astype(np.uint8)
+    case = brats.Case("c", image, label, np.ones(label.shape, bool), np.eye(4))
+    mirror = brats.Case("m", np.ascontiguousarray(image[:, ::-1]), np.ascontiguousarray(label[::-1]),
+                        case.brain, np.eye(4))
+    centres = np.array([[0, z, 6, 7] for z in range(12)] * 2)
+    augment = PatchAugmentation(tuple(channel_modalities(geometry, 2).tolist()), seed=3, flip=True)
+    augmented = CentredPatchDataset([case], centres, geometry, augment)
+    plain, mirrored = CentredPatchDataset([case], centres, geometry), CentredPatchDataset([mirror], centres, geometry)
+    flipped = 0
+    for i, (_, z, y, x) in enumerate(centres):
+        item = augmented[(1, i)]
+        j = next(k for k, c in enumerate(centres) if tuple(c) == (0, 11 - z, y, x))
+        reflected = mirrored[j]
+        # allclose: the mirrored volume's context averages add the same voxels in another order.
+        as_cut = torch.equal(item["image"], plain[i]["image"])
+        if torch.allclose(item["image"], reflected["image"], atol=1e-6) and not as_cut:
+            assert torch.equal(item["label"], reflected["label"])
+            flipped += 1
+        else:  # not reflected: the patch as cut
+            assert as_cut and torch.equal(item["label"], plain[i]["label"])
+        assert torch.equal(item["image"], augmented[(1, i)]["image"])  # the same draw for the same key
+    assert 4 <= flipped <= 20
+
+
+def test_intensity_augmentation_scales_and_shifts_each_modality_alike_in_every_channel():
+    geometry = PatchGeometry(3, 5, 3)  # channels: flair, t1c (patch), flair, t1c (context)
+    image = np.random.default_rng(1).standard_normal((2, 12, 12, 12)).astype(np.float32)
+    case = brats.Case("c", image, np.zeros((12, 12, 12), np.uint8), np.ones((12, 12, 12), bool), np.eye(4))
+    centres = np.array([[0, 6, 6, 6]])
+    augment = PatchAugmentation(tuple(channel_modalities(geometry, 2).tolist()), flip=False, scale_std=0.2,
+                                shift_std=0.3)
+    before = CentredPatchDataset([case], centres, geometry)[0]["image"].numpy()
+    fits = []
+    for epoch in (0, 1):
+        after = CentredPatchDataset([case], centres, geometry, augment)[(epoch, 0)]["image"].numpy()
+        fit = [np.polyfit(before[c].ravel(), after[c].ravel(), 1) for c in range(4)]  # (scale, shift)
+        np.testing.assert_allclose(fit[0], fit[2], atol=1e-4)  # flair: patch and context alike
+        np.testing.assert_allclose(fit[1], fit[3], atol=1e-4)
+        assert np.abs(fit[0] - fit[1]).max() > 1e-3  # modalities drawn apart
+        fits.append(fit[0])
+    assert np.abs(fits[0] - fits[1]).max() > 1e-3  # and afresh every epoch
+
+
+def test_only_training_patches_are_augmented_and_the_plan_says_how(root, tmp_path):
+    def module(augment):
+        data = BratsDataModule(root=str(root), patch_size=5, context_factor=3, samples_per_epoch=16, eval_samples=8,
+                               batch_size=16, plan_dir=str(tmp_path), augment=augment)
+        data.setup("fit")
+        return data
+
+    plain, augmented = module(None), module({"flip": True, "scale_std": 0.1, "shift_std": 0.1})
+    assert not torch.equal(_epoch_batches(plain, 0)[0], _epoch_batches(augmented, 0)[0])
+    assert torch.equal(plain.eval_set[0]["image"], augmented.eval_set[0]["image"])
+    plan = json.loads((tmp_path / "patch_plan.json").read_text())
+    assert plan["augmentation"]["scale_std"] == 0.1 and plan["augmentation"]["flip_axis0"] is True
+    with pytest.raises(DataError, match="rotate"):
+        module({"rotate": True})

@@ -32,7 +32,7 @@ class Snapshot(pl.Callback):
 def test_two_phase_training_changes_only_the_output_layer_on_the_true_label_distribution(compose, tmp_path):
     cfg = compose("experiment=deepmedic_p9_ctx3_phantom", "data.phantom_size=20", "data.phantom_cases=2",
                   "data.samples_per_epoch=64", "data.eval_samples=16", "data.batch_size=16",
-                  "task.volume_eval=never", "++task.two_phase_epochs=1", f"paths.output_dir={tmp_path}")
+                  "task.volume_eval=never", "task.two_phase_epochs=1", f"paths.output_dir={tmp_path}")
     pl.seed_everything(0, verbose=False)
     data, task, snapshot = instantiate(cfg.data), build_task(cfg), Snapshot()
     pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -54,7 +54,7 @@ def test_two_phase_training_needs_a_first_phase(compose):
     from deconvlab.errors import UserError
 
     cfg = compose("experiment=deepmedic_p9_ctx3_phantom", "data.phantom_size=20", "data.phantom_cases=1",
-                  "data.samples_per_epoch=16", "data.eval_samples=16", "++task.two_phase_epochs=1")
+                  "data.samples_per_epoch=16", "data.eval_samples=16", "task.two_phase_epochs=1")
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(UserError, match="task.two_phase_epochs=1 leaves no first phase"):

@@ -26,7 +26,7 @@ The label of a patch is its centre voxel's class (``[B]`` long in a batch).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from deconvlab.console import progress
 from deconvlab.data.base import SplitDataModule, uses_gpu
-from deconvlab.data.patches import PatchGeometry, extract_patch, pad_image
+from deconvlab.data.patches import PatchAugmentation, PatchGeometry, channel_modalities, extract_patch, pad_image
 from deconvlab.data.patches import layout_of as patch_layout_of  # the argument's name is taken
 from deconvlab.data.phantom import make_phantom, split_seed
 from deconvlab.data.planning import plan_cases, write_plan
@@ -180,11 +180,12 @@ class CentredPatchDataset(Dataset):
         centres: ``[N, 4]`` int array of (case index, z, y, x), fixed; or a callable ``epoch -> [N, 4]``
             (:class:`FreshCentres`), indexed by ``(epoch, i)`` keys (:class:`EpochSampler`).
         geometry: how patches are cut.
+        augment: optional ``(patch, label, epoch, index) -> (patch, label)`` (:class:`PatchAugmentation`).
     """
 
     def __init__(self, cases: Sequence[Case], centres: np.ndarray | Callable[[int], np.ndarray],
-                 geometry: PatchGeometry) -> None:
-        self.cases, self.centres, self.geometry = list(cases), centres, geometry
+                 geometry: PatchGeometry, augment: PatchAugmentation | None = None) -> None:
+        self.cases, self.centres, self.geometry, self.augment = list(cases), centres, geometry, augment
         # Padded (and context-pooled) once per case, shared by all patches: extraction is then pure slicing.
         self.padded = [pad_image(case.image, geometry.margin) for case in self.cases]
         self.pooled = [geometry.pooled(p) for p in self.padded]
@@ -205,6 +206,8 @@ class CentredPatchDataset(Dataset):
         size = self.geometry.label_size
         label = self.labels[case][tuple(slice(c, c + size) for c in centre)] if size > 1 \
             else self.labels[case][tuple(centre)]
+        if self.augment is not None:
+            patch, label = self.augment(patch, np.asarray(label), epoch, index)
         return {"image": torch.from_numpy(patch), "label": torch.as_tensor(np.asarray(label, np.int64))}
 
 
@@ -231,6 +234,8 @@ class BratsDataModule(SplitDataModule):
         samples_per_epoch, eval_samples: training / validation patches.
         phantom_cases, phantom_size: number and side of phantom cases per split when ``root`` is None.
         plan_dir: where to write the plan (the run's output folder); None writes nothing.
+        augment: training augmentation, keyword arguments of :class:`PatchAugmentation` (``flip``,
+            ``scale_std``, ``shift_std``); None (default) = none. Validation patches are never augmented.
         layout_of: a patch net, or its config (``${model}`` in a config: the data config's
             ``_recursive_: false`` keeps Hydra from building it), whose input layout replaces ``patch_dims``,
             ``patch_size``, ``context_factor``, ``slices`` and ``label_size``: a sweep over architectures
@@ -248,7 +253,8 @@ class BratsDataModule(SplitDataModule):
                  samples_per_epoch: int = 2048, eval_samples: int = 2048, batch_size: int = 64,
                  num_workers: int = 0, seed: int = 0, num_classes: int = 5, ignore_index: int = -100,
                  in_channels: int | None = None, phantom_cases: int = 3, phantom_size: int = 32,
-                 plan_dir: str | None = None, layout_of: Any = None, label_size: int = 1) -> None:
+                 plan_dir: str | None = None, layout_of: Any = None, label_size: int = 1,
+                 augment: dict[str, Any] | None = None) -> None:
         super().__init__(batch_size, num_workers, seed)
         self.root, self.split, self.modalities = root, split, tuple(modalities)
         modality_count = len(self.modalities) if root is not None else 2
@@ -262,6 +268,7 @@ class BratsDataModule(SplitDataModule):
             raise DataError(f"data.in_channels={in_channels} but the patch layout gives {self.in_channels} "
                             f"channels", "data.in_channels", "leave it null (derived) or fix the geometry")
         self.phantom_cases, self.phantom_size, self.plan_dir = phantom_cases, phantom_size, plan_dir
+        self.augment = None if augment is None else augmentation(augment, self.geometry, modality_count, seed)
         self.plan: dict | None = None
 
     def cases(self, split: str) -> list[Case]:
@@ -282,6 +289,9 @@ class BratsDataModule(SplitDataModule):
         if self.label_fractions is not None:
             plan["label_fractions"] = [float(f) for f in self.label_fractions]
         plan["sampling"] = sampling_record(self.seed, self.samples_per_epoch, self.eval_samples, g.label_size)
+        plan["augmentation"] = None if self.augment is None else {
+            "flip_axis0": self.augment.flip, "scale_std": self.augment.scale_std,
+            "shift_std": self.augment.shift_std, "rng": f"numpy.random.default_rng([{self.seed}, epoch, index])"}
         return plan
 
     def _write_plan(self) -> None:
@@ -294,7 +304,7 @@ class BratsDataModule(SplitDataModule):
             self.plan = self._make_plan(cases)
             self._write_plan()
             centres = FreshCentres(cases, self.samples_per_epoch, self.plan["label_fractions"], self.seed)
-            self.train_set = CentredPatchDataset(cases, centres, self.geometry)
+            self.train_set = CentredPatchDataset(cases, centres, self.geometry, self.augment)
         if self.eval_set is None:
             cases = self.cases(self.split)
             centres = sample_uniform_centres(cases, self.eval_samples, self.seed + 1)
@@ -314,6 +324,16 @@ class BratsDataModule(SplitDataModule):
             raise RuntimeError("BratsDataModule.setup() must run before asking for a dataloader")
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=EpochSampler(len(self.train_set)),
                           num_workers=self.num_workers, pin_memory=uses_gpu(self.trainer))
+
+
+def augmentation(settings: Mapping[str, Any], geometry: PatchGeometry, modalities: int, seed: int) -> PatchAugmentation:
+    """The :class:`PatchAugmentation` of ``data.augment`` (its ``flip``, ``scale_std``, ``shift_std``)."""
+    unknown = set(settings) - {"flip", "scale_std", "shift_std"}
+    if unknown:
+        raise DataError(f"unknown augmentation setting(s) {sorted(unknown)}", "data.augment",
+                        "use flip, scale_std and shift_std")
+    channels = tuple(channel_modalities(geometry, modalities).tolist())
+    return PatchAugmentation(channels, seed, **{k: settings[k] for k in settings})
 
 
 def sampling_record(seed: int, samples_per_epoch: int, eval_samples: int, label_size: int) -> dict[str, Any]:

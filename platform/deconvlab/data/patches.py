@@ -136,3 +136,54 @@ def extract_patch(padded: np.ndarray, centre: Sequence[int], geometry: PatchGeom
         region = padded[:, lo[0]:c[0] + big + 1, lo[1]:c[1] + big + 1, lo[2]:c[2] + big + 1]
         context = region.reshape(-1, s, f, s, f, s, f).mean(axis=(2, 4, 6))
     return np.concatenate([local, context.astype(np.float32, copy=False)])
+
+
+def channel_modalities(geometry: PatchGeometry, modalities: int) -> np.ndarray:
+    """The modality index of each input channel of ``geometry``'s layout: 2-D packs ``slices`` channels
+    per modality (modality-major), 3-D with context repeats the modalities (patch, then context)."""
+    channels = np.arange(geometry.channels(modalities))
+    return channels // geometry.slices if geometry.patch_dims == 2 else channels % modalities
+
+
+@dataclass(frozen=True)
+class PatchAugmentation:
+    """Training augmentation of a patch and its label, after DeepMedic's (Kamnitsas et al. 2017): a random
+    reflection of volume axis 0 (left-right in BraTS' RAS volumes) and, per modality, a random scale
+    ``1 + N(0, scale_std)`` and shift ``N(0, shift_std)`` of the z-scored intensities.
+
+    Every layout here is symmetric about its centre voxel (the context blocks too), so reflecting the
+    patch is the patch of the reflected volume. The draws come from ``default_rng([seed, epoch, index])``:
+    the same seed sees the same augmented epochs, whichever loader worker cuts a patch.
+
+    Args:
+        modality_of_channel: :func:`channel_modalities` of the layout.
+        seed: the data seed.
+        flip: reflect with probability 1/2.
+        scale_std, shift_std: intensity jitter per modality (0 = none).
+    """
+
+    modality_of_channel: tuple[int, ...]
+    seed: int = 0
+    flip: bool = True
+    scale_std: float = 0.0
+    shift_std: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.scale_std < 0 or self.shift_std < 0:
+            raise UserError(f"augmentation scale_std/shift_std must be >= 0, got {self.scale_std}/{self.shift_std}",
+                            "data.augment")
+
+    def __call__(self, patch: np.ndarray, label: np.ndarray, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The augmented ``(patch, label)``; ``label`` is a centre class (0-d) or a segment block."""
+        rng = np.random.default_rng([self.seed, epoch, index])
+        modalities = max(self.modality_of_channel) + 1
+        scale = 1.0 + rng.normal(0.0, self.scale_std, modalities) if self.scale_std else np.ones(modalities)
+        shift = rng.normal(0.0, self.shift_std, modalities) if self.shift_std else np.zeros(modalities)
+        channels = list(self.modality_of_channel)
+        patch = patch * scale[channels].reshape(-1, *[1] * (patch.ndim - 1)).astype(np.float32) \
+            + shift[channels].reshape(-1, *[1] * (patch.ndim - 1)).astype(np.float32)
+        if self.flip and rng.random() < 0.5:
+            patch = patch[:, ::-1]  # patch axis 1 is volume axis 0 in both layouts
+            # np.array, not ascontiguousarray: that one turns a centre class (0-d) into shape [1].
+            label = np.array(label[::-1]) if label.ndim == 3 else label
+        return np.ascontiguousarray(patch, np.float32), label
