@@ -333,7 +333,7 @@ def augmentation(settings: Mapping[str, Any], geometry: PatchGeometry, modalitie
         raise DataError(f"unknown augmentation setting(s) {sorted(unknown)}", "data.augment",
                         "use flip, scale_std and shift_std")
     channels = tuple(channel_modalities(geometry, modalities).tolist())
-    return PatchAugmentation(channels, seed, **{k: settings[k] for k in settings})
+    return PatchAugmentation(channels, seed, **dict(settings))
 
 
 def sampling_record(seed: int, samples_per_epoch: int, eval_samples: int, label_size: int) -> dict[str, Any]:

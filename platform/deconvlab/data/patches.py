@@ -148,8 +148,8 @@ def channel_modalities(geometry: PatchGeometry, modalities: int) -> np.ndarray:
 @dataclass(frozen=True)
 class PatchAugmentation:
     """Training augmentation of a patch and its label, after DeepMedic's (Kamnitsas et al. 2017): a random
-    reflection of volume axis 0 (left-right in BraTS' RAS volumes) and, per modality, a random scale
-    ``1 + N(0, scale_std)`` and shift ``N(0, shift_std)`` of the z-scored intensities.
+    reflection of volume axis 0 (left-right: the shared BraTS cases are stored L, P, S) and, per modality, a
+    random scale ``1 + N(0, scale_std)`` and shift ``N(0, shift_std)`` of the z-scored intensities.
 
     Every layout here is symmetric about its centre voxel (the context blocks too), so reflecting the
     patch is the patch of the reflected volume. The draws come from ``default_rng([seed, epoch, index])``:
