@@ -176,12 +176,13 @@ class PatchAugmentation:
     def __call__(self, patch: np.ndarray, label: np.ndarray, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
         """The augmented ``(patch, label)``; ``label`` is a centre class (0-d) or a segment block."""
         rng = np.random.default_rng([self.seed, epoch, index])
-        modalities = max(self.modality_of_channel) + 1
-        scale = 1.0 + rng.normal(0.0, self.scale_std, modalities) if self.scale_std else np.ones(modalities)
-        shift = rng.normal(0.0, self.shift_std, modalities) if self.shift_std else np.zeros(modalities)
-        channels = list(self.modality_of_channel)
-        patch = patch * scale[channels].reshape(-1, *[1] * (patch.ndim - 1)).astype(np.float32) \
-            + shift[channels].reshape(-1, *[1] * (patch.ndim - 1)).astype(np.float32)
+        if self.scale_std or self.shift_std:  # one draw per modality, spread to its channels
+            modalities = max(self.modality_of_channel) + 1
+            per_channel = np.asarray(self.modality_of_channel)
+            scale = 1.0 + rng.normal(0.0, self.scale_std, modalities)
+            shift = rng.normal(0.0, self.shift_std, modalities)
+            broadcast = (-1,) + (1,) * (patch.ndim - 1)
+            patch = patch * scale[per_channel].reshape(broadcast) + shift[per_channel].reshape(broadcast)
         if self.flip and rng.random() < 0.5:
             patch = patch[:, ::-1]  # patch axis 1 is volume axis 0 in both layouts
             # np.array, not ascontiguousarray: that one turns a centre class (0-d) into shape [1].
